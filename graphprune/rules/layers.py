@@ -1,0 +1,171 @@
+"""Contraction layers: they create new channels (sources) and consume channels ("in" members)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Rule, TraceState, attr, input_or_none, zero_rows
+
+
+def _prod(dims) -> int | None:
+    if dims is None or any(d is None for d in dims):
+        return None
+    return int(np.prod(dims)) if len(dims) else 1
+
+
+def _bias_vals(st: TraceState, node, index: int, zero: np.ndarray, tile: int = 1) -> np.ndarray:
+    """Output value of channels whose weights are all zero: the bias (or 0); NaN elsewhere."""
+    b = input_or_none(node, index)
+    bias = st.const(b) if b is not None else None
+    base = np.zeros(len(zero)) if bias is None else np.broadcast_to(bias.astype(np.float64).reshape(-1), zero.shape)
+    return np.where(zero, base, np.nan)
+
+
+def _input_info(st: TraceState, node, axis: int, reason: str):
+    xi = st.info(node.inputs[0])
+    if xi is not None and xi.axis != axis:
+        st.freeze(xi.ids, reason)
+        return None
+    return xi
+
+
+class ConvRule(Rule):
+    ops = ("Conv",)
+
+    def trace(self, node, st: TraceState) -> None:
+        w = st.const(node.inputs[1])
+        if w is None:
+            return self.unknown(node, st, "Conv with a non-constant weight")
+        y = node.outputs[0]
+        xi = _input_info(st, node, 1, "Conv reads channels on a non-channel axis")
+        g = int(attr(node, "group", 1))
+        m, cg = w.shape[0], w.shape[1]
+        out_shape = st.shape(y)
+        sp = _prod(out_shape[2:]) if out_shape else None
+        coef = (sp or 0) * int(np.prod(w.shape[2:]))
+        has_b = input_or_none(node, 2) is not None
+        zero = zero_rows(w, 0)
+        if g == 1:
+            if xi is not None:
+                st.member(node, 1, 1, xi.ids, "in", xi.vals)
+            out = st.source(node, y, 1, m, _bias_vals(st, node, 2, zero))
+            st.member(node, 1, 0, out.ids, "out")
+            if has_b:
+                st.member(node, 2, 0, out.ids, "bias")
+            st.layer(node, coef, out.ids, m, None if xi is None else xi.ids, cg)
+        elif cg == 1 and m % g == 0 and xi is not None and len(xi) == g:
+            # depthwise (channel multiplier k): output channel o depends on input channel o // k only
+            k = m // g
+            ids = np.repeat(xi.ids, k)
+            vals = np.where(np.repeat(xi.vals == 0, k) | zero, _bias_vals(st, node, 2, np.ones(m, bool)), np.nan)
+            st.set(y, xi.take(np.repeat(np.arange(g), k)).with_vals(vals))
+            st.member(node, 1, 0, ids, "param")
+            if has_b:
+                st.member(node, 2, 0, ids, "param")
+            st.layer(node, coef, ids, m, None, 1)
+            st.needs_rewrite(node, self)
+        else:
+            if xi is not None:
+                if len(xi) != cg * g:
+                    return self.unknown(node, st, "Conv input width does not match its weight")
+                tiles = xi.ids.reshape(g, cg)
+                for gi in range(1, g):
+                    st.union(tiles[0], tiles[gi])
+                st.member(node, 1, 1, tiles[0], "in", xi.vals[:cg])
+            out = st.source(node, y, 1, m // g, _bias_vals(st, node, 2, zero), tile=g)
+            st.member(node, 1, 0, out.ids, "out")
+            if has_b:
+                st.member(node, 2, 0, out.ids, "bias")
+            st.layer(node, coef, out.ids, m, None if xi is None else xi.ids[:cg], cg)
+
+    def rewrite(self, node, ctx, data) -> None:
+        xi = ctx.info(node.inputs[0])
+        node.attrs["group"] = ctx.kept_count(xi.ids)
+
+
+class ConvTransposeRule(Rule):
+    ops = ("ConvTranspose",)
+
+    def trace(self, node, st: TraceState) -> None:
+        w = st.const(node.inputs[1])
+        if w is None:
+            return self.unknown(node, st, "ConvTranspose with a non-constant weight")
+        y = node.outputs[0]
+        xi = _input_info(st, node, 1, "ConvTranspose reads channels on a non-channel axis")
+        g = int(attr(node, "group", 1))
+        c, mg = w.shape[0], w.shape[1]
+        in_shape = st.shape(node.inputs[0])
+        sp = _prod(in_shape[2:]) if in_shape else None
+        coef = (sp or 0) * int(np.prod(w.shape[2:]))
+        has_b = input_or_none(node, 2) is not None
+        if g == 1:
+            if xi is not None:
+                st.member(node, 1, 0, xi.ids, "in", xi.vals)
+            out = st.source(node, y, 1, mg, _bias_vals(st, node, 2, zero_rows(w, 1)))
+            st.member(node, 1, 1, out.ids, "out")
+            if has_b:
+                st.member(node, 2, 0, out.ids, "bias")
+            st.layer(node, coef, out.ids, mg, None if xi is None else xi.ids, c)
+        elif mg == 1 and xi is not None and len(xi) == g == c:
+            st.set(y, xi.with_vals(np.where((xi.vals == 0) | zero_rows(w, 0),
+                                            _bias_vals(st, node, 2, np.ones(c, bool)), np.nan)))
+            st.member(node, 1, 0, xi.ids, "param")
+            if has_b:
+                st.member(node, 2, 0, xi.ids, "param")
+            st.layer(node, coef, xi.ids, c, None, 1)
+            st.needs_rewrite(node, self)
+        else:
+            self.unknown(node, st, "grouped ConvTranspose (not depthwise)")
+
+    def rewrite(self, node, ctx, data) -> None:
+        node.attrs["group"] = ctx.kept_count(ctx.info(node.inputs[0]).ids)
+
+
+class GemmRule(Rule):
+    ops = ("Gemm",)
+
+    def trace(self, node, st: TraceState) -> None:
+        b = st.const(node.inputs[1])
+        c_in = input_or_none(node, 2)
+        c = st.const(c_in) if c_in is not None else None
+        if b is None or int(attr(node, "transA", 0)) or (c_in is not None and c is None):
+            return self.unknown(node, st, "Gemm with a non-constant or transposed operand")
+        trans_b = int(attr(node, "transB", 0))
+        k_axis, n_axis = (1, 0) if trans_b else (0, 1)
+        n = b.shape[n_axis]
+        ai = _input_info(st, node, 1, "Gemm reads channels on the row axis")
+        if ai is not None:
+            st.member(node, 1, k_axis, ai.ids, "in", ai.vals)
+        zero = zero_rows(b, n_axis)
+        bias_per_channel = c is not None and c.ndim >= 1 and c.shape[-1] == n and n > 1
+        if bias_per_channel:
+            vals = _bias_vals(st, node, 2, zero)
+        elif c is not None and c.size == 1:
+            vals = np.where(zero, float(c.reshape(-1)[0]) * float(attr(node, "beta", 1.0)), np.nan)
+        else:
+            vals = np.where(zero, 0.0, np.nan)
+        out = st.source(node, node.outputs[0], 1, n, vals)
+        st.member(node, 1, n_axis, out.ids, "out")
+        if bias_per_channel:
+            st.member(node, 2, c.ndim - 1, out.ids, "bias")
+        st.layer(node, 1, out.ids, n, None if ai is None else ai.ids, b.shape[k_axis])
+
+
+class MatMulRule(Rule):
+    ops = ("MatMul",)
+
+    def trace(self, node, st: TraceState) -> None:
+        b = st.const(node.inputs[1])
+        a_shape = st.shape(node.inputs[0])
+        if b is None or b.ndim != 2 or a_shape is None or len(a_shape) < 2:
+            return self.unknown(node, st, "MatMul without a constant 2-D weight")
+        r = len(a_shape)
+        ai = _input_info(st, node, r - 1, "MatMul reads channels on a non-contracted axis")
+        if ai is not None:
+            st.member(node, 1, 0, ai.ids, "in", ai.vals)
+        rows = [d or 1 for d in a_shape[1:-1]]  # batch (axis 0) counted as 1
+        out = st.source(node, node.outputs[0], r - 1, b.shape[1], np.where(zero_rows(b, 1), 0.0, np.nan))
+        st.member(node, 1, 1, out.ids, "out")
+        st.layer(node, int(np.prod(rows)), out.ids, b.shape[1], None if ai is None else ai.ids, b.shape[0])
+
+
+RULES = [ConvRule(), ConvTransposeRule(), GemmRule(), MatMulRule()]

@@ -1,0 +1,360 @@
+"""Ops that move, select, pool or reshape channels without mixing them."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import ChannelInfo, Rule, TraceState, attr, input_or_none, norm_axis
+
+
+def _int_list(st: TraceState, node, index: int, attr_name: str | None = None):
+    """An int list given as a constant input (newer opsets) or an attribute (older ones)."""
+    t = input_or_none(node, index)
+    if t is not None:
+        c = st.const(t)
+        return None if c is None else [int(v) for v in c.reshape(-1)]
+    if attr_name is not None and attr_name in node.attrs:
+        return [int(v) for v in node.attrs[attr_name]]
+    return []
+
+
+class PassThroughRule(Rule):
+    """Spatial ops: the channel axis (1) is untouched."""
+
+    ops = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool")
+
+    # value maps: max pooling keeps a constant; average pooling keeps it unless padded zeros count
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        if xi.axis != 1:
+            return self.unknown(node, st, f"{node.op} over the channel axis")
+        vals = xi.vals
+        if node.op == "AveragePool" and attr(node, "count_include_pad", 0) and any(attr(node, "pads", [0])):
+            vals = np.where(vals == 0, 0.0, np.nan)
+        elif node.op in ("LpPool", "GlobalLpPool"):
+            vals = np.where(vals == 0, 0.0, np.nan)
+        if len(node.outputs) > 1 and node.outputs[1].outputs:
+            return self.unknown(node, st, "MaxPool indices output is used")
+        st.set(node.outputs[0], xi.with_vals(vals))
+
+
+class ReduceRule(Rule):
+    ops = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare",
+           "ReduceProd", "ReduceLogSumExp", "ReduceLogSum")
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        r = st.rank(node.inputs[0])
+        axes = _int_list(st, node, 1, "axes")
+        if r is None or axes is None:
+            return self.unknown(node, st, f"{node.op} with unknown axes")
+        if not axes:
+            if attr(node, "noop_with_empty_axes", 0):
+                st.set(node.outputs[0], xi)
+                return
+            axes = list(range(r))
+        axes = sorted(norm_axis(a, r) for a in axes)
+        if xi.axis in axes:
+            return self.unknown(node, st, f"{node.op} across the channel axis")
+        axis = xi.axis if attr(node, "keepdims", 1) else xi.axis - sum(a < xi.axis for a in axes)
+        keeps = node.op in ("ReduceMean", "ReduceMax", "ReduceMin")
+        vals = xi.vals if keeps else np.where(xi.vals == 0, 0.0, np.nan)
+        st.set(node.outputs[0], ChannelInfo(axis, xi.ids, vals))
+
+
+class ConcatRule(Rule):
+    ops = ("Concat",)
+
+    def trace(self, node, st: TraceState) -> None:
+        out_rank = st.rank(node.outputs[0])
+        if out_rank is None:
+            out_rank = next((st.rank(t) for t in node.inputs if st.rank(t) is not None), None)
+        if out_rank is None:
+            return self.unknown(node, st, "Concat of unknown rank")
+        axis = norm_axis(attr(node, "axis"), out_rank)
+        infos = [st.info(t) for t in node.inputs]
+        ch_axes = {i.axis for i in infos if i is not None}
+        if len(ch_axes) != 1:
+            return self.unknown(node, st, "Concat of tensors with channels on different axes")
+        ch = ch_axes.pop()
+        if ch == axis:  # concatenating channels: offsets
+            parts = []
+            for t, info in zip(node.inputs, infos):
+                if info is None:
+                    shp = st.shape(t)
+                    if shp is None or shp[axis] is None:
+                        return self.unknown(node, st, "Concat with an input of unknown width")
+                    info = ChannelInfo(axis, st.new_ids(shp[axis]))
+                    st.freeze(info.ids, "channels concatenated from a non-traced tensor")
+                parts.append(info)
+            st.set(node.outputs[0], ChannelInfo(axis, np.concatenate([p.ids for p in parts]),
+                                                np.concatenate([p.vals for p in parts])))
+            return
+        if any(i is None for i in infos) or len({len(i) for i in infos}) != 1:
+            return self.unknown(node, st, "Concat along another axis of tensors with different channels")
+        for i in infos[1:]:
+            st.union(infos[0].ids, i.ids)
+        vals = np.where(np.all([i.vals == infos[0].vals for i in infos], axis=0), infos[0].vals, np.nan)
+        st.set(node.outputs[0], infos[0].with_vals(vals))
+
+
+class SplitRule(Rule):
+    ops = ("Split",)
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        r = st.rank(node.inputs[0])
+        if r is None:
+            return self.unknown(node, st, "Split of unknown rank")
+        axis = norm_axis(attr(node, "axis", 0), r)
+        if axis != xi.axis:
+            for o in node.outputs:
+                st.set(o, xi)
+            return
+        sizes = _int_list(st, node, 1, "split")
+        if sizes is None:
+            return self.unknown(node, st, "Split with non-constant sizes")
+        n_out = len(node.outputs)
+        if not sizes:
+            chunk = -(-len(xi) // n_out)
+            sizes = [min(chunk, len(xi) - k * chunk) for k in range(n_out)]
+        if sum(sizes) != len(xi) or len(sizes) != n_out:
+            return self.unknown(node, st, "Split sizes do not match the channel count")
+        offsets = np.cumsum([0] + sizes)
+        for o, a, b in zip(node.outputs, offsets[:-1], offsets[1:]):
+            st.set(o, xi.take(slice(a, b)))
+        st.needs_rewrite(node, self)
+
+    def rewrite(self, node, ctx, data) -> None:
+        sizes = np.array([ctx.kept_count(ctx.info(o).ids) for o in node.outputs], dtype=np.int64)
+        node.attrs.pop("num_outputs", None)
+        if "split" in node.attrs:
+            node.attrs["split"] = [int(s) for s in sizes]
+        else:
+            ctx.set_input(node, 1, sizes)
+
+
+class SliceRule(Rule):
+    ops = ("Slice",)
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        r = st.rank(node.inputs[0])
+        if st.opset < 10:
+            starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
+        else:
+            starts, ends = _int_list(st, node, 1), _int_list(st, node, 2)
+            axes, steps = _int_list(st, node, 3), _int_list(st, node, 4)
+        if r is None or starts is None or ends is None or axes is None or steps is None:
+            return self.unknown(node, st, "Slice with non-constant bounds")
+        axes = [norm_axis(a, r) for a in (axes or range(len(starts)))]
+        steps = steps or [1] * len(starts)
+        if xi.axis not in axes:
+            st.set(node.outputs[0], xi)
+            return
+        k = axes.index(xi.axis)
+        if steps[k] != 1:
+            return self.unknown(node, st, "strided Slice on the channel axis")
+        sel = slice(*slice(starts[k], ends[k], 1).indices(len(xi)))
+        st.set(node.outputs[0], xi.take(sel))
+        st.needs_rewrite(node, self, (k, sel.start, sel.stop))
+
+    def rewrite(self, node, ctx, data) -> None:
+        k, a, b = data
+        ids = ctx.info(node.inputs[0]).ids
+        new_a = ctx.kept_count(ids[:a])
+        new_b = new_a + ctx.kept_count(ids[a:b])
+        for index, value in ((1, new_a), (2, new_b)):
+            arr = np.array(np.asarray(node.inputs[index].values), dtype=np.int64).reshape(-1)
+            arr[k] = value
+            ctx.set_input(node, index, arr.astype(node.inputs[index].values.dtype))
+
+
+class TransposeRule(Rule):
+    ops = ("Transpose",)
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        r = st.rank(node.inputs[0])
+        perm = attr(node, "perm", None)
+        if perm is None:
+            if r is None:
+                return self.unknown(node, st, "Transpose of unknown rank")
+            perm = list(range(r))[::-1]
+        st.set(node.outputs[0], xi.with_axis(list(perm).index(xi.axis)))
+
+
+class SqueezeRule(Rule):
+    ops = ("Squeeze", "Unsqueeze")
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        axes = _int_list(st, node, 1, "axes")
+        r_in, r_out = st.rank(node.inputs[0]), st.rank(node.outputs[0])
+        if axes is None or r_in is None or (not axes and node.op == "Unsqueeze"):
+            return self.unknown(node, st, f"{node.op} with unknown axes")
+        if node.op == "Squeeze":
+            if not axes:
+                shp = st.shape(node.inputs[0])
+                axes = [i for i, d in enumerate(shp) if d == 1]
+            axes = [norm_axis(a, r_in) for a in axes]
+            if xi.axis in axes:
+                return self.unknown(node, st, "Squeeze of the channel axis")
+            axis = xi.axis - sum(a < xi.axis for a in axes)
+        else:
+            r_out = r_in + len(axes)
+            axes = sorted(norm_axis(a, r_out) for a in axes)
+            axis = xi.axis
+            for a in axes:
+                if a <= axis:
+                    axis += 1
+        st.set(node.outputs[0], xi.with_axis(axis))
+
+
+def _flatten_map(xi: ChannelInfo, in_shape, out_shape):
+    """Where channel c of a row-major reshape lands: (out axis k, block size) or None if mixed.
+
+    With `tail` = product of the (static) input dims after the channel axis, channel c occupies
+    flat offsets [c*tail, (c+1)*tail) of every row; it stays whole iff some output axis k has
+    size C*(tail/t) where t = product of the static output dims after k. Block size tail/t is 1
+    when the channel axis survives, H*W for Flatten->Gemm; splitting C (channel shuffle) fails.
+    """
+    if in_shape is None or out_shape is None:
+        return None
+    post = in_shape[xi.axis + 1:]
+    if any(d is None for d in post):
+        return None
+    tail = int(np.prod(post)) if post else 1
+    t = 1
+    for k in range(len(out_shape) - 1, -1, -1):
+        if tail % t:
+            return None
+        if out_shape[k] == len(xi) * (tail // t):
+            return k, tail // t
+        if out_shape[k] is None:
+            return None
+        t *= out_shape[k]
+    return None
+
+
+def _shape_template(in_sym, out_sym, k: int):
+    """Constant shape for the pruned Reshape: static dims kept, symbolic dims copied (0) where the
+    input has the same symbol at the same position, one remaining symbolic dim as -1."""
+    if in_sym is None or out_sym is None:
+        return None
+    tpl = []
+    for i, d in enumerate(out_sym):
+        if i == k or isinstance(d, int):
+            tpl.append(d if isinstance(d, int) else 0)
+        elif d is not None and i < len(in_sym) and in_sym[i] == d:
+            tpl.append(0)
+        else:
+            tpl.append(-1)
+    return tpl if tpl.count(-1) <= 1 else None
+
+
+class ReshapeRule(Rule):
+    """Reshape/Flatten that keep channels whole: [N,C,H,W]->[N,C*H*W] (a channel becomes a block of
+    H*W features), [N,C,1,1]<->[N,C]. Splitting a channel axis (channel shuffle) freezes."""
+
+    ops = ("Reshape", "Flatten")
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        in_shape, out_shape = st.shape(node.inputs[0]), st.shape(node.outputs[0])
+        if node.op == "Flatten" and in_shape is not None:
+            ax = norm_axis(attr(node, "axis", 1), len(in_shape))
+            head, tail = in_shape[:ax], in_shape[ax:]
+            out_shape = [None if None in head else int(np.prod(head or [1])),
+                         None if None in tail else int(np.prod(tail or [1]))]
+        m = _flatten_map(xi, in_shape, out_shape)
+        tpl = None
+        if m is not None and node.op == "Reshape":
+            tpl = _shape_template(st.sym_shape(node.inputs[0]), st.sym_shape(node.outputs[0]), m[0])
+        if m is None or (node.op == "Reshape" and tpl is None):
+            return self.unknown(node, st, f"{node.op} regroups the channel axis")
+        axis, rep = m
+        st.set(node.outputs[0], ChannelInfo(axis, np.repeat(xi.ids, rep), np.repeat(xi.vals, rep)))
+        if node.op == "Reshape":
+            st.needs_rewrite(node, self, (tpl, axis, rep))
+
+    def rewrite(self, node, ctx, data) -> None:
+        tpl, axis, rep = data
+        new = list(tpl)
+        new[axis] = ctx.kept_count(ctx.info(node.inputs[0]).ids) * rep
+        if 0 in new:
+            node.attrs["allowzero"] = 0
+        ctx.set_input(node, 1, np.array(new, dtype=np.int64))
+
+
+class PadRule(Rule):
+    ops = ("Pad",)
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        r = st.rank(node.inputs[0])
+        pads = _int_list(st, node, 1, "pads")
+        axes = _int_list(st, node, 3) if input_or_none(node, 3) is not None else None
+        if pads is None or r is None:
+            return self.unknown(node, st, "Pad with non-constant pads")
+        axes = list(range(r)) if axes is None else [norm_axis(a, r) for a in axes]
+        k = len(axes)
+        if xi.axis in axes:
+            j = axes.index(xi.axis)
+            if pads[j] != 0 or pads[j + k] != 0:
+                return self.unknown(node, st, "Pad along the channel axis")
+        mode = attr(node, "mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        fill = 0.0
+        cv = input_or_none(node, 2)
+        if cv is not None:
+            c = st.const(cv)
+            fill = float(c.reshape(-1)[0]) if c is not None and c.size else np.nan
+        elif "value" in node.attrs:
+            fill = float(attr(node, "value"))
+        vals = xi.vals if mode != "constant" else np.where(xi.vals == fill, xi.vals, np.nan)
+        st.set(node.outputs[0], xi.with_vals(vals))
+
+
+class ResizeRule(Rule):
+    ops = ("Resize", "Upsample")
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        r = st.rank(node.inputs[0])
+        scales_idx, sizes_idx = (1, None) if node.op == "Upsample" else (2, 3)
+        scales = input_or_none(node, scales_idx)
+        sizes = input_or_none(node, sizes_idx) if sizes_idx else None
+        ok = False
+        if sizes is not None:
+            s = st.const(sizes)
+            ok = s is not None and len(s) == r and int(s[xi.axis]) == len(xi)
+            if ok:
+                st.needs_rewrite(node, self, xi.axis)
+        elif scales is not None:
+            s = st.const(scales)
+            ok = s is not None and s.size == r and float(s.reshape(-1)[xi.axis]) == 1.0
+        elif node.op == "Upsample" and "scales" in node.attrs:
+            ok = float(node.attrs["scales"][xi.axis]) == 1.0
+        if not ok or attr(node, "axes", None) is not None:
+            return self.unknown(node, st, f"{node.op} that may scale the channel axis")
+        st.set(node.outputs[0], xi)  # interpolating a constant channel gives the same constant
+
+    def rewrite(self, node, ctx, data) -> None:
+        axis = data
+        sizes = np.array(np.asarray(node.inputs[3].values), dtype=np.int64)
+        sizes[axis] = ctx.kept_count(ctx.info(node.inputs[0]).ids)
+        ctx.set_input(node, 3, sizes)
+
+
+class ShapeOnlyRule(Rule):
+    """Shape/Size read metadata only; the result follows the pruned shape at run time and every
+    op that uses it to build a channel-carrying tensor is checked by its own rule."""
+
+    ops = ("Shape", "Size")
+
+    def trace(self, node, st: TraceState) -> None:
+        return None
+
+
+RULES = [PassThroughRule(), ReduceRule(), ConcatRule(), SplitRule(), SliceRule(), TransposeRule(),
+         SqueezeRule(), ReshapeRule(), PadRule(), ResizeRule(), ShapeOnlyRule()]
