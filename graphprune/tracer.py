@@ -8,10 +8,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import log
-from .io import opset_of
+from .io import infer, opset_of
 from .rules import REGISTRY, SOURCE_OPS, Member, Source, TraceState
 
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
+#: ops that typically sit in constant subgraphs computing shapes, pads or split sizes
+_FOLDABLE_HINTS = frozenset({"Shape", "ConstantOfShape", "Gather", "Cast", "Range", "Size", "Expand"})
 
 
 @dataclass
@@ -40,21 +42,18 @@ class Trace:
     state: TraceState
     roots: np.ndarray
     groups: list[Group]
-    position: dict[int, tuple[int, int]]  # root -> (group id, index in group)
+    unit_gid: np.ndarray  # per root id: its group (-1 if none)
+    unit_pos: np.ndarray  # per root id: its index within the group
     opset: int
 
     @property
     def members(self) -> list[Member]:
         return self.state.members
 
-    def unit_index(self, ids: np.ndarray, group: Group) -> np.ndarray:
-        """For an id array: the index of each entry's unit within ``group`` (-1 if elsewhere)."""
-        out = np.full(len(ids), -1, dtype=np.int64)
-        for k, r in enumerate(self.roots[np.asarray(ids)].tolist()):
-            pos = self.position.get(r)
-            if pos is not None and pos[0] == group.id:
-                out[k] = pos[1]
-        return out
+    def locate(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """For an id array: (group id, unit index within the group) of each entry; -1 if none."""
+        r = self.roots[np.asarray(ids, dtype=np.int64)]
+        return self.unit_gid[r], self.unit_pos[r]
 
     def kept_fn(self, removed_roots):
         keep = np.ones(len(self.roots), dtype=bool)
@@ -81,9 +80,14 @@ def to_graph(model: onnx.ModelProto, *, fold: bool = True) -> gs.Graph:
     """Import into onnx-graphsurgeon; fold constant subgraphs; give every node a unique name."""
     _quiet_backends()
     graph = gs.import_onnx(model)
-    if fold:
+    if fold and any(n.op in _FOLDABLE_HINTS for n in graph.nodes):
         try:
             graph.fold_constants(error_ok=True, flatten_subgraphs=False).cleanup()
+            folded = gs.export_onnx(graph, do_type_check=False)
+            folded.ir_version = model.ir_version
+            del folded.opset_import[:]
+            folded.opset_import.extend(model.opset_import)
+            graph = gs.import_onnx(infer(folded))  # shapes of tensors whose shape was computed
         except Exception as exc:  # folding is an optimisation only
             log.warn(f"constant folding skipped ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
     seen: set[str] = set()
@@ -107,9 +111,46 @@ def _implicit_inputs(node) -> set[str]:
     return names
 
 
+def _static_shapes(graph: gs.Graph, opset: int) -> dict[str, list]:
+    """Shapes at batch 1 (what MACs are counted on): shape inference with every dynamic input dim
+    set to 1, or, where that leaves a layer's shape unknown, one onnxruntime run at batch 1."""
+    g = graph.copy()
+    for t in g.inputs:
+        if t.shape is not None:
+            t.shape = [d if isinstance(d, int) and d >= 0 else 1 for d in t.shape]
+    try:
+        model = gs.export_onnx(g, do_type_check=False)
+        del model.opset_import[:]
+        model.opset_import.append(onnx.helper.make_opsetid("", opset))
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return {}
+    out = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    wanted = [t.name for n in graph.nodes if n.op in SOURCE_OPS for t in (n.inputs[0], n.outputs[0])]
+    if all(out.get(name) is not None and None not in out[name] for name in wanted):
+        return out
+    try:
+        from .runtime import random_inputs, session
+
+        have = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted if n not in have)
+        sess = session(model)
+        names = [o.name for o in sess.get_outputs()]
+        for name, value in zip(names, sess.run(None, random_inputs(model, batch=1))):
+            out[name] = list(value.shape)
+    except Exception as exc:
+        log.warn(f"could not measure shapes at batch 1 ({str(exc).splitlines()[0][:200] if str(exc) else exc!r}); "
+                 "MACs of some layers count as 0")
+    return out
+
+
 def trace(graph: gs.Graph, opset: int) -> Trace:
     st = TraceState()
     st.opset = opset
+    st.static_shapes = _static_shapes(graph, opset)
     for node in graph.nodes:
         rule = REGISTRY.get(node.op) if node.domain in _DEFAULT_DOMAINS else None
         has_info = any(st.info(t) is not None for t in node.inputs)
@@ -183,7 +224,11 @@ def _build(graph: gs.Graph, st: TraceState, opset: int) -> Trace:
         per_unit = max(1, len(first) // max(1, len(np.unique(roots[first]))))
         groups.append(Group(gid, np.asarray(units, dtype=np.int64), [st.sources[si] for si in comp], reasons,
                             per_unit))
-    return Trace(graph, st, roots, groups, position, opset)
+    unit_gid = np.full(len(roots), -1, dtype=np.int64)
+    unit_pos = np.full(len(roots), -1, dtype=np.int64)
+    for r, (gid, pos) in position.items():
+        unit_gid[r], unit_pos[r] = gid, pos
+    return Trace(graph, st, roots, groups, unit_gid, unit_pos, opset)
 
 
 def trace_model(model: onnx.ModelProto) -> Trace:

@@ -130,6 +130,7 @@ class TraceState:
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.rewrites: list[tuple["gs.Node", "Rule", object]] = []
         self.opset = 17
+        self.static_shapes: dict[str, list] = {}  # shapes inferred at batch 1 (for cost only)
 
     # ---- tensors -------------------------------------------------------------------
     def info(self, tensor) -> ChannelInfo | None:
@@ -156,6 +157,11 @@ class TraceState:
         if shp is None:
             return None
         return [d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shp]
+
+    def cost_shape(self, tensor) -> list | None:
+        """Shape at batch 1 for cost counting: inferred with every dynamic input dim set to 1."""
+        shp = self.static_shapes.get(tensor.name) if tensor is not None else None
+        return shp if shp is not None else self.shape(tensor)
 
     def sym_shape(self, tensor) -> list | None:
         """Shape with ints for static dims and the symbol (str) or None for dynamic ones."""

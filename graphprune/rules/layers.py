@@ -39,7 +39,7 @@ class ConvRule(Rule):
         xi = _input_info(st, node, 1, "Conv reads channels on a non-channel axis")
         g = int(attr(node, "group", 1))
         m, cg = w.shape[0], w.shape[1]
-        out_shape = st.shape(y)
+        out_shape = st.cost_shape(y)
         sp = _prod(out_shape[2:]) if out_shape else None
         coef = (sp or 0) * int(np.prod(w.shape[2:]))
         has_b = input_or_none(node, 2) is not None
@@ -93,7 +93,7 @@ class ConvTransposeRule(Rule):
         xi = _input_info(st, node, 1, "ConvTranspose reads channels on a non-channel axis")
         g = int(attr(node, "group", 1))
         c, mg = w.shape[0], w.shape[1]
-        in_shape = st.shape(node.inputs[0])
+        in_shape = st.cost_shape(node.inputs[0])
         sp = _prod(in_shape[2:]) if in_shape else None
         coef = (sp or 0) * int(np.prod(w.shape[2:]))
         has_b = input_or_none(node, 2) is not None
@@ -156,13 +156,14 @@ class MatMulRule(Rule):
     def trace(self, node, st: TraceState) -> None:
         b = st.const(node.inputs[1])
         a_shape = st.shape(node.inputs[0])
+        cost_shape = st.cost_shape(node.inputs[0]) or a_shape
         if b is None or b.ndim != 2 or a_shape is None or len(a_shape) < 2:
             return self.unknown(node, st, "MatMul without a constant 2-D weight")
         r = len(a_shape)
         ai = _input_info(st, node, r - 1, "MatMul reads channels on a non-contracted axis")
         if ai is not None:
             st.member(node, 1, 0, ai.ids, "in", ai.vals)
-        rows = [d or 1 for d in a_shape[1:-1]]  # batch (axis 0) counted as 1
+        rows = [d or 1 for d in cost_shape[1:-1]]  # batch (axis 0) counted as 1
         out = st.source(node, node.outputs[0], r - 1, b.shape[1], np.where(zero_rows(b, 1), 0.0, np.nan))
         st.member(node, 1, 1, out.ids, "out")
         st.layer(node, int(np.prod(rows)), out.ids, b.shape[1], None if ai is None else ai.ids, b.shape[0])

@@ -1,0 +1,125 @@
+"""MACs and parameter counts as functions of which units are kept.
+
+Every cost is a sum of terms ``coef × Π kept(array)`` where an array is the id array of one
+channel axis (a layer's output or input channels, one axis of an initializer). Removing a unit
+decrements the kept count of the arrays it appears in, so the planner updates costs locally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .tracer import Trace
+
+
+@dataclass
+class Term:
+    coef: float
+    arrays: tuple[int, ...]
+
+
+class CostModel:
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        self._index: dict[bytes, int] = {}
+        self.arrays: list[np.ndarray] = []
+        self.macs_terms: list[Term] = []
+        self.params_terms: list[Term] = []
+        for layer in trace.state.layers:
+            arrays, coef = [], layer.coef
+            for ids, size in ((layer.out_ids, layer.out_size), (layer.in_ids, layer.in_size)):
+                if ids is None:
+                    coef *= size
+                else:
+                    arrays.append(self._array(ids))
+            self.macs_terms.append(Term(coef, tuple(arrays)))
+        self._param_terms()
+        # tensors that must keep at least one channel
+        self.tensor_arrays = sorted({self._array(info.ids) for info in trace.state.infos.values()})
+        self.count = np.array([len(a) for a in self.arrays], dtype=np.float64)
+        self.unit_arrays: dict[int, list[tuple[int, int]]] = {}
+        for a, roots in enumerate(self.arrays):
+            uniq, cnt = np.unique(roots, return_counts=True)
+            for r, c in zip(uniq.tolist(), cnt.tolist()):
+                self.unit_arrays.setdefault(r, []).append((a, c))
+        self.array_terms: dict[int, list[tuple[str, int]]] = {}
+        for kind, terms in (("macs", self.macs_terms), ("params", self.params_terms)):
+            for ti, t in enumerate(terms):
+                for a in t.arrays:
+                    self.array_terms.setdefault(a, []).append((kind, ti))
+        self._is_tensor = np.zeros(len(self.arrays), dtype=bool)
+        self._is_tensor[self.tensor_arrays] = True
+        self.totals = {"macs": self._total(self.macs_terms, self.count),
+                       "params": self._total(self.params_terms, self.count)}
+        self.full = dict(self.totals)
+
+    def _array(self, ids) -> int:
+        roots = self.trace.roots[np.asarray(ids, dtype=np.int64)]
+        key = roots.tobytes()
+        if key not in self._index:
+            self._index[key] = len(self.arrays)
+            self.arrays.append(roots)
+        return self._index[key]
+
+    def _param_terms(self) -> None:
+        axes: dict[str, dict[int, np.ndarray]] = {}
+        for m in self.trace.members:
+            axes.setdefault(m.tensor, {}).setdefault(m.axis, m.ids)
+        for t in self.trace.graph.tensors().values():
+            if not isinstance(t, gs.Constant) or not np.issubdtype(np.dtype(t.dtype), np.floating):
+                continue
+            shape = list(t.shape)
+            arrays, coef = [], 1.0
+            for ax, d in enumerate(shape):
+                ids = axes.get(t.name, {}).get(ax)
+                if ids is not None and len(ids) == d:
+                    arrays.append(self._array(ids))
+                else:
+                    coef *= d
+            self.params_terms.append(Term(coef, tuple(arrays)))
+
+    @staticmethod
+    def _total(terms: list[Term], count: np.ndarray) -> float:
+        return float(sum(t.coef * np.prod([count[a] for a in t.arrays]) for t in terms))
+
+    def _terms(self, kind: str) -> list[Term]:
+        return self.macs_terms if kind == "macs" else self.params_terms
+
+    def delta(self, roots, kind: str) -> float:
+        """Cost change (negative = saving) if ``roots`` were removed now."""
+        changed: dict[int, float] = {}
+        for r in roots:
+            for a, c in self.unit_arrays.get(int(r), ()):
+                changed[a] = changed.get(a, self.count[a]) - c
+        terms = {ti for a in changed for k, ti in self.array_terms.get(a, ()) if k == kind}
+        tl = self._terms(kind)
+        d = 0.0
+        for ti in terms:
+            t = tl[ti]
+            old = np.prod([self.count[a] for a in t.arrays])
+            new = np.prod([changed.get(a, self.count[a]) for a in t.arrays])
+            d += t.coef * (new - old)
+        return float(d)
+
+    def allowed(self, roots) -> bool:
+        """Would every tensor keep at least one channel?"""
+        changed: dict[int, float] = {}
+        for r in roots:
+            for a, c in self.unit_arrays.get(int(r), ()):
+                changed[a] = changed.get(a, self.count[a]) - c
+        return all(v >= 1 or not self._is_tensor[a] for a, v in changed.items())
+
+    def remove(self, roots) -> None:
+        for kind in self.totals:
+            self.totals[kind] += self.delta(roots, kind)
+        for r in roots:
+            for a, c in self.unit_arrays.get(int(r), ()):
+                self.count[a] -= c
+
+
+def model_costs(trace: Trace) -> dict[str, float]:
+    """MACs (batch 1) and float parameter count of a traced model."""
+    cm = CostModel(trace)
+    return {"macs": cm.full["macs"], "params": cm.full["params"]}

@@ -1,0 +1,23 @@
+"""Criteria registry. Curvature criteria (taylor, fisher, kron-obd/obs, woodfisher, eigendamage)
+plug in here with the same interface."""
+from __future__ import annotations
+
+from .base import Criterion, ScoringContext, Slice
+from .magnitude import Lossless, Magnitude
+
+CRITERIA: dict[str, type[Criterion] | object] = {
+    "magnitude": lambda: Magnitude(2),
+    "magnitude-l1": lambda: Magnitude(1),
+    "lossless": Lossless,
+}
+
+
+def make_criterion(name: str) -> Criterion:
+    from ..errors import UserError
+
+    if name not in CRITERIA:
+        raise UserError(f"unknown criterion {name!r} (available: {', '.join(sorted(CRITERIA))})")
+    return CRITERIA[name]()
+
+
+__all__ = ["CRITERIA", "Criterion", "Lossless", "Magnitude", "ScoringContext", "Slice", "make_criterion"]

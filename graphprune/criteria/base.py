@@ -1,0 +1,60 @@
+"""The scoring interface: criteria see groups, parameter slices and (later) activations, never op types."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..rules import Member
+from ..tracer import Group, Trace
+
+
+@dataclass
+class Slice:
+    """One member slice seen from a group: ``values`` is the whole constant, ``unit[i]`` the
+    group-local unit index of position i along ``member.axis`` (-1: another group's channel)."""
+
+    member: Member
+    values: np.ndarray
+    unit: np.ndarray
+
+    def per_index(self, fn) -> np.ndarray:
+        """Apply ``fn`` to each slice along the member axis (reduced over the other axes)."""
+        moved = np.moveaxis(self.values, self.member.axis, 0).reshape(self.values.shape[self.member.axis], -1)
+        return fn(moved.astype(np.float64))
+
+
+class ScoringContext:
+    """What a criterion may read. Statistics that need data (activations, gradients, curvature)
+    are added by the data-driven criteria; weights-only criteria need nothing else."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        self._slices: dict[int, list[Slice]] = {}
+        for m in trace.members:
+            gids, pos = trace.locate(m.ids)
+            values = trace.state.const(trace.graph.tensors()[m.tensor])
+            for gid in np.unique(gids[gids >= 0]).tolist():
+                self._slices.setdefault(gid, []).append(Slice(m, values, np.where(gids == gid, pos, -1)))
+
+    def slices(self, group: Group, roles=("out", "in", "param", "bias")) -> list[Slice]:
+        return [s for s in self._slices.get(group.id, []) if s.member.role in roles]
+
+
+class Criterion:
+    """A criterion maps every prunable group to one score per unit: an estimate of the loss
+    increase from removing that unit (lower = remove first)."""
+
+    name: ClassVar[str] = ""
+    #: what a run must compute for this criterion: "weights", "activations", "gradients", ...
+    needs: ClassVar[frozenset[str]] = frozenset({"weights"})
+
+    def score(self, ctx: ScoringContext) -> dict[int, np.ndarray]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def accumulate(group: Group, sl: Slice, per_index: np.ndarray, out: np.ndarray) -> None:
+    """Add per-index values of a slice onto the group's unit scores."""
+    sel = sl.unit >= 0
+    np.add.at(out, sl.unit[sel], per_index[sel])
