@@ -1,0 +1,170 @@
+"""The `graphprune` command. Exit codes: 0 success, 1 verification failed, 2 user error."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__, log
+from .errors import UserError, VerificationError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        print(f"graphprune: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v:g}")
+    return v
+
+
+def _human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphprune", description="Structured channel pruning of ONNX models.")
+    p.add_argument("--version", action="version", version=f"graphprune {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ins = sub.add_parser("inspect", help="list channel groups, MACs and params")
+    ins.add_argument("model")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--all", action="store_true", help="show every group (default: first 40)")
+
+    pr = sub.add_parser("prune", help="prune channels to a budget and write a smaller ONNX model")
+    pr.add_argument("model")
+    pr.add_argument("-o", "--output", required=True)
+    pr.add_argument("--criterion", default="magnitude", help="magnitude (L2, default) or magnitude-l1")
+    b = pr.add_mutually_exclusive_group(required=True)
+    b.add_argument("--keep-flops", type=_ratio, metavar="F", help="keep at most F x the MACs (batch 1)")
+    b.add_argument("--keep-params", type=_ratio, metavar="F", help="keep at most F x the parameters")
+    b.add_argument("--keep-channels", type=_ratio, metavar="F", help="keep F of every group (uniform)")
+    b.add_argument("--lossless", action="store_true", help="remove only channels proven identically zero")
+    pr.add_argument("--round-to", type=int, default=1, metavar="N", help="kept widths multiple of N")
+    pr.add_argument("--max-group-removal", type=float, default=0.9, metavar="F",
+                    help="remove at most F of any group (default 0.9; never all of it)")
+    pr.add_argument("--best-effort", action="store_true", help="prune as far as possible if the budget is unreachable")
+    pr.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
+    pr.add_argument("--eval", metavar="DATA.npz", help="labelled data (inputs + 'labels') for accuracy before/after")
+    pr.add_argument("--no-verify", action="store_true", help="skip the parity check against the masked original")
+    pr.add_argument("--rtol", type=float, default=1e-4, help="parity tolerance (max relative error)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+
+    ve = sub.add_parser("verify", help="compare a pruned model with its masked original")
+    ve.add_argument("original")
+    ve.add_argument("pruned")
+    ve.add_argument("--report", required=True, metavar="REPORT.json")
+    ve.add_argument("--rtol", type=float, default=1e-4)
+    ve.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _cmd_inspect(args) -> int:
+    from .pipeline import inspect
+
+    info = inspect(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['model']}: opset {info['opset']}, {info['nodes']} nodes, MACs {_human(info['macs'])}, "
+          f"params {_human(info['params'])}, traced in {info['trace_seconds']:.2f}s")
+    print(f"{len(info['groups'])} groups, {info['prunable_groups']} prunable "
+          f"({info['prunable_channels']} channels)")
+    print(f"{'id':>4} {'size':>5} {'status':<9} sources / reason")
+    shown = info["groups"] if args.all else info["groups"][:40]
+    for g in shown:
+        status = "prunable" if g["prunable"] else "frozen"
+        srcs = ", ".join(s["node"] for s in g["sources"][:3]) + (" ..." if len(g["sources"]) > 3 else "")
+        why = "" if g["prunable"] else ("  [" + "; ".join(g["frozen"][:2]) + "]" if g["frozen"] else "  [single channel]")
+        print(f"{g['id']:>4} {g['size']:>5} {status:<9} {srcs}{why}")
+    if len(shown) < len(info["groups"]):
+        print(f"... {len(info['groups']) - len(shown)} more (use --all or --json)")
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from .pipeline import PruneConfig, prune
+    from .planner import Budget
+
+    if args.lossless:
+        kind, ratio = "lossless", 1.0
+    else:
+        kind, ratio = next((k, v) for k, v in (("flops", args.keep_flops), ("params", args.keep_params),
+                                               ("channels", args.keep_channels)) if v is not None)
+    budget = Budget(kind, ratio, cap=args.max_group_removal, round_to=args.round_to, best_effort=args.best_effort)
+    cfg = PruneConfig(criterion=args.criterion, budget=budget, verify=not args.no_verify, rtol=args.rtol,
+                      seed=args.seed, force=args.force, eval_data=args.eval)
+    rep = prune(args.model, args.output, cfg, report_path=args.report)
+    t = rep["totals"]
+    print(f"wrote {args.output}: MACs {_human(t['macs_before'])} -> {_human(t['macs_after'])} "
+          f"({t['macs_ratio']:.1%}), params {_human(t['params_before'])} -> {_human(t['params_after'])} "
+          f"({t['params_ratio']:.1%}), {t['channels_removed']} channels removed")
+    if "verification" in rep:
+        v = rep["verification"]
+        print(f"verified against the masked original: max abs error {v['max_abs_error']:.2e}, "
+              f"max rel error {v['max_rel_error']:.2e}")
+    if "accuracy" in rep:
+        a = rep["accuracy"]
+        print(f"accuracy: {a['before']:.2%} -> {a['after']:.2%}")
+    if args.report:
+        print(f"report: {args.report}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .pipeline import verify
+
+    try:
+        with open(args.report) as fh:
+            report = json.load(fh)
+    except OSError as exc:
+        raise UserError(f"{args.report}: cannot read report ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{args.report}: not a JSON report ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(report, dict):
+        raise UserError(f"{args.report}: not a graphprune report")
+    res = verify(args.original, args.pruned, report, rtol=args.rtol, seed=args.seed)
+    if not res["ok"]:
+        reason = res.get("reason") or f"max rel error {res['max_rel_error']:.3e} > {res['rtol']:g}"
+        print(f"MISMATCH: {reason}")
+        return 1
+    print(f"OK: pruned model equals the masked original (max abs error {res['max_abs_error']:.2e}, "
+          f"max rel error {res['max_rel_error']:.2e})")
+    return 0
+
+
+COMMANDS = {"inspect": _cmd_inspect, "prune": _cmd_prune, "verify": _cmd_verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        log.set_quiet(True)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"graphprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except VerificationError as exc:
+        print(f"graphprune: verification failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("graphprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
