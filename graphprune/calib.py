@@ -14,10 +14,12 @@ from .runtime import input_specs
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such data file")
+    if not zipfile.is_zipfile(path):  # also catches .npy files, which np.load returns as a bare array
+        raise UserError(f"{path}: not an .npz file (expected np.savez output: one array per input + 'labels')")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         raise UserError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
@@ -57,6 +59,8 @@ def load_labelled(model: onnx.ModelProto, path) -> tuple[dict[str, np.ndarray], 
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{path}: 'labels' must be a 1-D integer array")
     feeds = match_inputs(model, arrays, path)
+    if len(labels) == 0:
+        raise UserError(f"{path}: no samples")
     if len(labels) != len(next(iter(feeds.values()))):
         raise UserError(f"{path}: {len(labels)} labels for {len(next(iter(feeds.values())))} samples")
     return feeds, labels.astype(np.int64)

@@ -139,6 +139,16 @@ def check_output(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model, full_check=True)
 
 
+def _default_mode(fd: int) -> None:
+    """mkstemp creates 0600 files; give the output the permissions a plain open() would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+    except (AttributeError, OSError):  # not supported on this platform / filesystem
+        pass
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, src: str | os.PathLike | None = None,
                force: bool = False) -> None:
     """Write atomically: temp file in the target folder, then rename."""
@@ -154,6 +164,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, src: str | os
         raise UserError(f"{folder}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     try:
+        _default_mode(fd)
         with os.fdopen(fd, "wb") as fh:
             fh.write(model.SerializeToString())
         os.replace(tmp, out)
@@ -172,6 +183,7 @@ def write_json_atomic(obj, path: str | os.PathLike) -> None:
         raise UserError(f"{folder}: report folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     try:
+        _default_mode(fd)
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2)
             fh.write("\n")

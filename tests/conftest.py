@@ -1,0 +1,34 @@
+"""Session fixtures: the sample zoo exported with both PyTorch exporters (cached per session)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("GRAPHPRUNE_QUIET", "1")
+
+EXPORTERS = ("torchscript", "dynamo")
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="session")
+def zoo_model(zoo_dir):
+    """zoo_model(name, exporter) -> path of the exported .onnx (exported once per session)."""
+    from converters.torch_to_onnx import export_module
+    from samples import zoo
+
+    cache: dict[tuple[str, str], str] = {}
+
+    def get(name: str, exporter: str) -> str:
+        key = (name, exporter)
+        if key not in cache:
+            path = str(zoo_dir / f"{name}_{exporter}.onnx")
+            export_module(zoo.make(name), (zoo.example_input(name, 1, 0),), path, exporter=exporter)
+            cache[key] = path
+        return cache[key]
+
+    return get
