@@ -53,6 +53,10 @@ def signature(model: onnx.ModelProto) -> dict:
 def describe_groups(tr: Trace, removed: dict[int, np.ndarray] | None = None) -> list[dict]:
     out = []
     removed = removed or {}
+    n_members = np.zeros(len(tr.groups), dtype=np.int64)
+    for m in tr.members:
+        gids = np.unique(tr.locate(m.ids)[0])
+        n_members[gids[gids >= 0]] += 1
     for g in tr.groups:
         rem = removed.get(g.id, np.zeros(0, dtype=np.int64))
         keep = tr.kept_fn(set(g.units[rem].tolist()))
@@ -64,7 +68,7 @@ def describe_groups(tr: Trace, removed: dict[int, np.ndarray] | None = None) -> 
             "prunable": g.prunable,
             "frozen": g.frozen,
             "sources": [{"node": s.node, "tensor": s.tensor, "channels": len(s.ids)} for s in g.sources],
-            "members": sum(1 for m in tr.members if np.any(tr.locate(m.ids)[0] == g.id)),
+            "members": int(n_members[g.id]),
             "removed": rem.tolist(),
         }
         if len(rem):

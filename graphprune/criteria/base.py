@@ -32,9 +32,10 @@ class ScoringContext:
     def __init__(self, trace: Trace) -> None:
         self.trace = trace
         self._slices: dict[int, list[Slice]] = {}
+        tensors = trace.graph.tensors()
         for m in trace.members:
             gids, pos = trace.locate(m.ids)
-            values = trace.state.const(trace.graph.tensors()[m.tensor])
+            values = trace.state.const(tensors[m.tensor])
             for gid in np.unique(gids[gids >= 0]).tolist():
                 self._slices.setdefault(gid, []).append(Slice(m, values, np.where(gids == gid, pos, -1)))
 
