@@ -168,6 +168,14 @@ def trace(graph: gs.Graph, opset: int) -> Trace:
             continue
         if not has_info and node.op not in SOURCE_OPS:
             continue
+        if rule.data_input_only and node.op not in SOURCE_OPS and st.info(node.inputs[0]) is None:
+            st.freeze_inputs(node, f"{node.op} reads channels through a non-data input")
+            continue
+        if rule.data_input_only and node.op not in SOURCE_OPS:
+            for t in node.inputs[1:]:  # channels used as shapes, bounds, indices, ...
+                info = st.info(t)
+                if info is not None:
+                    st.freeze(info.ids, f"{node.op} reads channels through a non-data input")
         rule.trace(node, st)
     for out in graph.outputs:
         info = st.info(out)

@@ -236,6 +236,9 @@ class Rule:
     """How channels flow through one or more op types. Subclasses override ``trace``."""
 
     ops: tuple[str, ...] = ()
+    #: channels may only arrive through input 0 (the data input); if another input carries
+    #: channels (say a channel tensor used as a shape), the tracer freezes them instead
+    data_input_only: bool = True
 
     def trace(self, node, st: TraceState) -> None:  # pragma: no cover - interface
         raise NotImplementedError

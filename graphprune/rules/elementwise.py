@@ -118,6 +118,7 @@ class BroadcastRule(Rule):
     (per-channel bias/scale/slope); size-1 operands broadcast; anything else freezes."""
 
     ops = tuple(_NARY)
+    data_input_only = False
 
     def trace(self, node, st: TraceState) -> None:
         ins = [t for t in node.inputs if t is not None and t.name]
@@ -134,11 +135,16 @@ class BroadcastRule(Rule):
         if len(axes) != 1:
             return self.unknown(node, st, f"{node.op} mixes channels of different axes")
         ax = axes.pop()
-        first = next(i for i in infos if i is not None)
-        n = len(first)
+        n = max(len(i) for i in infos if i is not None)
+        first = next(i for i in infos if i is not None and len(i) == n)
         operand_vals = []
         for i, (t, info, r) in enumerate(zip(ins, infos, ranks)):
             a_i = ax - (out_rank - r)
+            if info is not None and len(info) == 1 < n:
+                # one channel broadcast over all of them (spatial attention): nothing to couple; the
+                # planner keeps at least one channel of every traced tensor, so it stays width 1
+                operand_vals.append(float(info.vals[0]))
+                continue
             if info is not None:
                 if len(info) != n:
                     return self.unknown(node, st, f"{node.op} operands of different widths")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Rule, TraceState, attr, input_or_none, zero_rows
+from .base import Rule, TraceState, attr, input_or_none, uniform_along, zero_rows
 
 
 def _prod(dims) -> int | None:
@@ -137,12 +137,12 @@ class GemmRule(Rule):
             st.member(node, 1, k_axis, ai.ids, "in", ai.vals)
         zero = zero_rows(b, n_axis)
         bias_per_channel = c is not None and c.ndim >= 1 and c.shape[-1] == n and n > 1
-        if bias_per_channel:
-            vals = _bias_vals(st, node, 2, zero)
-        elif c is not None and c.size == 1:
-            vals = np.where(zero, float(c.reshape(-1)[0]) * float(attr(node, "beta", 1.0)), np.nan)
-        else:
-            vals = np.where(zero, 0.0, np.nan)
+        if c is None:
+            col = np.zeros(n)
+        else:  # C broadcasts to (M, N): per output column, beta * C if equal on every row, else NaN
+            c2 = c.reshape((1,) * (2 - c.ndim) + c.shape)
+            col = float(attr(node, "beta", 1.0)) * uniform_along(np.broadcast_to(c2, (c2.shape[0], n)), 1)
+        vals = np.where(zero, col, np.nan)
         out = st.source(node, node.outputs[0], 1, n, vals)
         st.member(node, 1, n_axis, out.ids, "out")
         if bias_per_channel:

@@ -63,6 +63,7 @@ class ReduceRule(Rule):
 
 class ConcatRule(Rule):
     ops = ("Concat",)
+    data_input_only = False
 
     def trace(self, node, st: TraceState) -> None:
         out_rank = st.rank(node.outputs[0])
@@ -122,15 +123,19 @@ class SplitRule(Rule):
         offsets = np.cumsum([0] + sizes)
         for o, a, b in zip(node.outputs, offsets[:-1], offsets[1:]):
             st.set(o, xi.take(slice(a, b)))
-        st.needs_rewrite(node, self)
+        st.needs_rewrite(node, self, st.opset >= 13)  # sizes: an input from opset 13 on, else an attribute
 
-    def rewrite(self, node, ctx, data) -> None:
+    def rewrite(self, node, ctx, sizes_as_input) -> None:
         sizes = np.array([ctx.kept_count(ctx.info(o).ids) for o in node.outputs], dtype=np.int64)
-        node.attrs.pop("num_outputs", None)
-        if "split" in node.attrs:
+        node.attrs.pop("num_outputs", None)  # kept widths need not be equal any more
+        if not sizes_as_input:
             node.attrs["split"] = [int(s) for s in sizes]
-        else:
-            ctx.set_input(node, 1, sizes)
+            return
+        if len(node.inputs) < 2:  # equal split without a sizes input: add one
+            import onnx_graphsurgeon as gs
+
+            node.inputs.append(gs.Variable.empty())
+        ctx.set_input(node, 1, sizes)
 
 
 class SliceRule(Rule):
@@ -252,6 +257,31 @@ def _shape_template(in_sym, out_sym, k: int):
     return tpl if tpl.count(-1) <= 1 else None
 
 
+def _solve_one_dim(in_sym, out_sym):
+    """Output shape with ints where known: an output dim shape inference left unknown (a computed
+    target such as Concat(Shape(x)[0], -1)) is solved from the element count when it is the only
+    unknown once the symbols shared by input and output cancel out."""
+    if in_sym is None or out_sym is None or None in in_sym:
+        return None
+    rest = list(in_sym)
+    out, unknown = [], []
+    for i, d in enumerate(out_sym):
+        if isinstance(d, str) and d in rest:
+            rest.remove(d)
+            out.append(None)
+        elif isinstance(d, int):
+            out.append(d)
+        else:
+            unknown.append(i)
+            out.append(None)
+    if len(unknown) == 1 and all(isinstance(d, int) for d in rest):
+        known = int(np.prod([d for d in out if d is not None]))
+        total = int(np.prod(rest))
+        if known and total % known == 0:
+            out[unknown[0]] = total // known
+    return out
+
+
 class ReshapeRule(Rule):
     """Reshape/Flatten that keep channels whole: [N,C,H,W]->[N,C*H*W] (a channel becomes a block of
     H*W features), [N,C,1,1]<->[N,C]. Splitting a channel axis (channel shuffle) freezes."""
@@ -261,6 +291,8 @@ class ReshapeRule(Rule):
     def trace(self, node, st: TraceState) -> None:
         xi = st.info(node.inputs[0])
         in_shape, out_shape = st.shape(node.inputs[0]), st.shape(node.outputs[0])
+        if node.op == "Reshape" and out_shape is not None and None in out_shape:
+            out_shape = _solve_one_dim(st.sym_shape(node.inputs[0]), st.sym_shape(node.outputs[0]))
         if node.op == "Flatten" and in_shape is not None:
             ax = norm_axis(attr(node, "axis", 1), len(in_shape))
             head, tail = in_shape[:ax], in_shape[ax:]
