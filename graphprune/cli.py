@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from . import __version__, log
 from .errors import UserError, VerificationError
@@ -23,6 +25,38 @@ def _ratio(text: str) -> float:
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v:g}")
     return v
+
+
+def _tolerance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v > 0.0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _same_file(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+        return pa.resolve() == pb.resolve()
+    except OSError:
+        return False
+
+
+def _check_report_path(args) -> None:
+    """The report must not clobber the input model or the pruned model, and must be a file path."""
+    if args.report is None:
+        return
+    if Path(args.report).is_dir():
+        raise UserError(f"{args.report}: is a directory (--report needs a file path)")
+    if _same_file(args.report, args.model):
+        raise UserError(f"{args.report}: --report would overwrite the input model")
+    if _same_file(args.report, args.output):
+        raise UserError(f"{args.report}: --report and --output name the same file")
 
 
 def _human(n: float) -> str:
@@ -59,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
     pr.add_argument("--eval", metavar="DATA.npz", help="labelled data (inputs + 'labels') for accuracy before/after")
     pr.add_argument("--no-verify", action="store_true", help="skip the parity check against the masked original")
-    pr.add_argument("--rtol", type=float, default=1e-4, help="parity tolerance (max relative error)")
+    pr.add_argument("--rtol", type=_tolerance, default=1e-4, help="parity tolerance (max relative error)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
 
@@ -67,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("original")
     ve.add_argument("pruned")
     ve.add_argument("--report", required=True, metavar="REPORT.json")
-    ve.add_argument("--rtol", type=float, default=1e-4)
+    ve.add_argument("--rtol", type=_tolerance, default=1e-4)
     ve.add_argument("--seed", type=int, default=0)
     return p
 
@@ -99,6 +133,7 @@ def _cmd_prune(args) -> int:
     from .pipeline import PruneConfig, prune
     from .planner import Budget
 
+    _check_report_path(args)
     if args.lossless:
         kind, ratio = "lossless", 1.0
     else:

@@ -105,14 +105,39 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def lift_constant_nodes(model: onnx.ModelProto) -> None:
-    """Turn main-graph Constant nodes into initializers so every constant is a gs.Constant."""
+    """Turn main-graph Constant nodes into initializers so every constant is a gs.Constant.
+
+    Also folds ``CastLike(constant, t)`` where t's element type is known: the dynamo exporter
+    (without optimisation) builds conv biases as ``Expand(CastLike(0, input), Shape(W))``, which
+    constant folding cannot evaluate because ``t`` (often the graph input) is not a constant."""
     graph = model.graph
+    consts = {t.name: t for t in graph.initializer}
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
+    elem.update((t.name, t.data_type) for t in graph.initializer)
     keep = []
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and len(node.attribute) == 1:
+        if node.domain not in _DEFAULT_DOMAINS:
+            keep.append(node)
+            continue
+        if node.op_type == "Constant" and len(node.attribute) == 1:
             arr = _constant_value(node.attribute[0])
             if arr is not None:
-                graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+                tensor = numpy_helper.from_array(arr, node.output[0])
+                graph.initializer.append(tensor)
+                consts[tensor.name], elem[tensor.name] = tensor, tensor.data_type
+                continue
+        if (node.op_type == "CastLike" and len(node.input) == 2 and node.input[0] in consts
+                and elem.get(node.input[1]) and len(node.output) == 1):
+            try:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(elem[node.input[1]])
+                arr = numpy_helper.to_array(consts[node.input[0]]).astype(dtype)
+            except Exception:  # unusual types (strings, float8, ...): leave the node alone
+                arr = None
+            if arr is not None:
+                tensor = numpy_helper.from_array(arr, node.output[0])
+                graph.initializer.append(tensor)
+                consts[tensor.name], elem[tensor.name] = tensor, tensor.data_type
                 continue
         keep.append(node)
     if len(keep) != len(graph.node):
@@ -181,6 +206,8 @@ def write_json_atomic(obj, path: str | os.PathLike) -> None:
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"{folder}: report folder does not exist")
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     try:
         _default_mode(fd)

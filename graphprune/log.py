@@ -33,3 +33,14 @@ class Timer:
     def __exit__(self, *exc):
         self.sink[self.stage] = round(time.perf_counter() - self.t0, 4)
         return False
+
+
+def progress(stage: str, done: int, total: int) -> None:
+    """A progress line for long stages: redrawn in place on a terminal, else every ~10%."""
+    if _quiet or total <= 1:
+        return
+    if sys.stderr.isatty():
+        end = "\n" if done == total else ""
+        print(f"\rgraphprune: {stage} {done}/{total}", end=end, file=sys.stderr, flush=True)
+    elif done == total or done % max(1, total // 10) == 0:
+        print(f"graphprune: {stage} {done}/{total}", file=sys.stderr, flush=True)

@@ -123,6 +123,10 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     t = time.perf_counter()
     model, tr = load_and_trace(path)
     timings["load_and_trace"] = time.perf_counter() - t
+    if config.eval_data:  # bad data is a user error before any work, not after
+        from .calib import load_labelled
+
+        load_labelled(model, config.eval_data)
     prunable = [g for g in tr.groups if g.prunable]
     log.info(f"traced {len(model.graph.node)} nodes: {len(tr.groups)} groups, {len(prunable)} prunable "
              f"({sum(g.size for g in prunable)} channels)")

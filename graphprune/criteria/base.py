@@ -31,6 +31,8 @@ class ScoringContext:
 
     def __init__(self, trace: Trace) -> None:
         self.trace = trace
+        self.stats = None  # curvature.collect.Stats, for criteria that need data
+        self.views = {}  # node name -> curvature.layers.LayerView
         self._slices: dict[int, list[Slice]] = {}
         tensors = trace.graph.tensors()
         for m in trace.members:
@@ -41,6 +43,21 @@ class ScoringContext:
 
     def slices(self, group: Group, roles=("out", "in", "param", "bias")) -> list[Slice]:
         return [s for s in self._slices.get(group.id, []) if s.member.role in roles]
+
+    def layer_units(self, group: Group):
+        """For each layer with curvature statistics touching the group: (view, row units, column
+        units), unit arrays index the view's canonical rows / columns (-1: not this group)."""
+        per_node: dict[str, dict[str, np.ndarray]] = {}
+        for sl in self.slices(group, roles=("out", "in")):
+            view = self.views.get(sl.member.node)
+            if view is None or sl.member.input_index != 1:
+                continue
+            entry = per_node.setdefault(view.node, {})
+            if sl.member.role == "out":
+                entry["rows"] = sl.unit
+            else:
+                entry["cols"] = np.repeat(sl.unit, view.taps)
+        return [(self.views[n], e.get("rows"), e.get("cols")) for n, e in per_node.items()]
 
 
 class Criterion:
@@ -53,6 +70,9 @@ class Criterion:
 
     def score(self, ctx: ScoringContext) -> dict[int, np.ndarray]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def on_batch(self, ctx: ScoringContext, tg) -> None:
+        """Called after every calibration mini-batch's backward pass (criteria needing "grads")."""
 
 
 def accumulate(group: Group, sl: Slice, per_index: np.ndarray, out: np.ndarray) -> None:

@@ -42,7 +42,7 @@ _UNARY = {
     "Ceil": lambda v, n: np.ceil(v),
     "Round": lambda v, n: np.round(v),
     "Sign": lambda v, n: np.sign(v),
-    "ThresholdedRelu": lambda v, n: np.where(v > attr(n, "alpha", 1.0), v, 0.0),
+    "ThresholdedRelu": lambda v, n: np.where(np.isnan(v), np.nan, np.where(v > attr(n, "alpha", 1.0), v, 0.0)),
 }
 
 
@@ -93,9 +93,11 @@ def _mul(*vs):
     for v in vs[1:]:
         out = out * v
     anyzero = np.zeros(np.shape(out), bool)
+    finite = np.ones(np.shape(out), bool)
     for v in vs:
         anyzero |= np.asarray(v) == 0
-    return np.where(anyzero, 0.0, out)
+        finite &= ~np.isinf(np.asarray(v))  # 0 * inf is NaN at run time, never 0
+    return np.where(anyzero & finite, 0.0, out)
 
 
 _NARY = {

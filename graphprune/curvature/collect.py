@@ -1,0 +1,123 @@
+"""Stream curvature statistics over calibration batches (nothing but running sums is kept).
+
+needs (declared by the criteria):
+  "grads"        per-mini-batch weight gradients, handed to an on_batch callback (Taylor)
+  "fisher_diag"  Σ_n g_n² of per-sample weight gradients g_n = Σ_t ds_t a_tᵀ (OBD)
+  "kfac"         A = E[a aᵀ] (bias column included), S = E_n[Σ_t ds dsᵀ] (K-FAC, OBS compensation)
+  "woodfisher"   per output row, the inverse of λI + (1/m) Σ_n g g ᵀ by Woodbury rank-1 updates
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import log
+from .data import CalibData, loss_value
+from .layers import LayerView
+
+
+@dataclass
+class LayerStats:
+    A: torch.Tensor | None = None  # (cols+1, cols+1) summed, divide by a_count
+    a_count: int = 0
+    S: torch.Tensor | None = None  # (out, out) summed over samples, divide by n
+    fisher: torch.Tensor | None = None  # (out, cols+1) Σ_n g_n²
+    finv: torch.Tensor | None = None  # (out, cols+1, cols+1) Woodbury-updated inverse
+    n: int = 0
+
+
+@dataclass
+class Stats:
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    samples: int = 0
+    loss: str = ""
+    seconds: float = 0.0
+
+
+def _augment(a: torch.Tensor) -> torch.Tensor:
+    """Append the constant-1 input of the bias: (N, g, cols+1, T)."""
+    ones = torch.ones(a.shape[0], a.shape[1], 1, a.shape[3], dtype=a.dtype, device=a.device)
+    return torch.cat([a, ones], dim=2)
+
+
+def _per_sample_grads(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+    """g_n = Σ_t ds_t a_tᵀ for every sample: (N, out, cols+1), rows ordered by group."""
+    g = torch.einsum("ngot,ngit->ngoi", ds, a)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+class _Accumulator:
+    def __init__(self, views: dict[str, LayerView], needs: set[str], total: int, damping: float,
+                 chunk: int = 8) -> None:
+        self.views, self.needs, self.total, self.damping, self.chunk = views, needs, total, damping, chunk
+        self.stats = {name: LayerStats() for name in views}
+        self.batch_size = 1
+
+    def record(self, node, x: torch.Tensor, y: torch.Tensor) -> None:
+        view = self.views.get(node.name)
+        if view is None or not y.requires_grad:
+            return
+        x = x.detach()
+        y.register_hook(lambda g, view=view, x=x: self._on_grad(view, x, g))
+
+    def _on_grad(self, view: LayerView, x: torch.Tensor, g: torch.Tensor) -> None:
+        st = self.stats[view.node]
+        n = x.shape[0]
+        for s in range(0, n, self.chunk):  # bounded memory: im2col of a few samples at a time
+            a = _augment(view.patches(x[s:s + self.chunk]).to(torch.float32))
+            ds = view.out_grads(g[s:s + self.chunk].to(torch.float32)) * self.batch_size  # per-sample loss
+            if "kfac" in self.needs:
+                aa = torch.einsum("ngit,ngjt->ij", a, a)
+                st.A = aa if st.A is None else st.A + aa
+                st.a_count += a.shape[0] * a.shape[1] * a.shape[3]
+                d = ds.reshape(ds.shape[0], -1, ds.shape[3])  # (N, out, T)
+                ss = torch.einsum("not,npt->op", d, d)
+                st.S = ss if st.S is None else st.S + ss
+            if "fisher_diag" in self.needs or "woodfisher" in self.needs:
+                gs = _per_sample_grads(a, ds)
+                if "fisher_diag" in self.needs:
+                    sq = gs.pow(2).sum(0)
+                    st.fisher = sq if st.fisher is None else st.fisher + sq
+                if "woodfisher" in self.needs:
+                    self._woodbury(st, gs)
+            st.n += ds.shape[0]
+
+    def _woodbury(self, st: LayerStats, gs: torch.Tensor) -> None:
+        """F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g), one rank-1 update per sample, all rows at once."""
+        if st.finv is None:
+            out, c = gs.shape[1], gs.shape[2]
+            st.finv = torch.eye(c, dtype=torch.float64, device=gs.device).expand(out, c, c).clone() / self.damping
+        m = float(self.total)
+        for g in gs.to(torch.float64):  # (out, c): sequential over samples, batched over rows
+            u = torch.einsum("oij,oj->oi", st.finv, g)
+            denom = m + (g * u).sum(1)
+            st.finv -= torch.einsum("oi,oj->oij", u, u) / denom[:, None, None]
+
+
+def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, needs: set[str], *,
+            batch_size: int = 32, damping: float = 1e-3, seed: int = 0, on_batch=None,
+            device: str = "cpu") -> Stats:
+    """Run forward/backward over the calibration set, accumulating what ``needs`` asks for."""
+    t0 = time.perf_counter()
+    acc = _Accumulator(views, needs, len(data), damping)
+    layer_needs = needs & {"kfac", "fisher_diag", "woodfisher"}
+    tg.recorder = acc.record if layer_needs else None
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = (len(data) + batch_size - 1) // batch_size
+    for k, (feeds, labels) in enumerate(data.batches(batch_size)):
+        acc.batch_size = len(next(iter(feeds.values())))
+        inputs = {name: torch.from_numpy(np.ascontiguousarray(v)).to(device) for name, v in feeds.items()}
+        tg.zero_grad(set_to_none=True)
+        out = tg(**inputs)[0]
+        lab = None if labels is None else torch.from_numpy(labels).to(device)
+        loss = loss_value(loss_kind, out.reshape(out.shape[0], -1) if out.dim() > 2 and loss_kind != "gauss-newton"
+                          else out, lab, gen)
+        loss.backward()
+        if on_batch is not None:
+            on_batch(tg)
+        log.progress("statistics", k + 1, n_batches)
+    tg.recorder = None
+    return Stats(acc.stats, len(data), loss_kind, time.perf_counter() - t0)

@@ -1,0 +1,77 @@
+"""Weight compensation after channel removal (METHODS §4, §6).
+
+* layer-wise OBS (every criterion): a consumer that loses input columns J updates its remaining
+  columns (and bias) with H = A, its damped input second moment:
+  δW = −W_J ([H⁻¹]_JJ)⁻¹ [H⁻¹]_J,:
+* kron-obs additionally updates a producer's remaining rows with S:
+  δW_rest = −[S⁻¹]_rest,I ([S⁻¹]_II)⁻¹ W_I
+* woodfisher uses its own per-row inverse: δw_r = −F⁻¹_r[:,Q] ([F⁻¹_r]_QQ)⁻¹ w_r,Q
+
+Returns new values for the touched initializers (ONNX layouts), to be written before rewriting,
+so the pruned model and its masked original both carry the compensated weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..criteria.curvature import DTYPE, damped
+
+METHODS = ("obs", "kron-obs", "woodfisher")
+
+
+def _obs_update(W: torch.Tensor, Hinv: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+    """Remove columns J of W optimally for H⁻¹ (rows independent): returns the updated W."""
+    if len(J) == 0:
+        return W
+    HJJ = Hinv[J][:, J]
+    delta = -(W[:, J] @ torch.linalg.solve(HJJ, Hinv[J, :]))
+    W = W + delta
+    W[:, J] = 0.0
+    return W
+
+
+def compensate(ctx, keep_fn, method: str = "obs", damping: float = 1e-3) -> dict[str, np.ndarray]:
+    """Compensated weights for every layer touched by the removal described by ``keep_fn``."""
+    tensors = ctx.trace.graph.tensors()
+    members = {}
+    for m in ctx.trace.members:
+        if m.input_index == 1 and m.node in ctx.views and m.role in ("out", "in"):
+            members[(m.node, m.role)] = m
+    updates: dict[str, np.ndarray] = {}
+    for node, view in ctx.views.items():
+        st = ctx.stats.layers.get(node) if ctx.stats is not None else None
+        if st is None or st.n == 0:
+            continue
+        m_in, m_out = members.get((node, "in")), members.get((node, "out"))
+        cols_keep = np.repeat(keep_fn(m_in.ids), view.taps) if m_in is not None else np.ones(view.cols, bool)
+        rows_keep = keep_fn(m_out.ids) if m_out is not None else np.ones(view.out, bool)
+        if cols_keep.all() and (method != "kron-obs" or rows_keep.all()):
+            continue
+        w = np.asarray(tensors[view.weight].values)
+        has_bias = view.bias is not None
+        b = np.asarray(tensors[view.bias].values) if has_bias else None
+        W = torch.as_tensor(view.canonical(w, b if has_bias else np.zeros(view.out)), dtype=DTYPE)
+        J = torch.as_tensor(np.nonzero(~cols_keep)[0])
+        idx = slice(None) if has_bias else slice(0, view.cols)  # without a bias there is no constant input
+        if method == "woodfisher":
+            finv = st.finv.to(DTYPE)[:, idx, idx]
+            Wm = W[:, idx].clone()
+            if len(J):
+                HJJ = finv[:, J][:, :, J]
+                delta = -torch.einsum("rij,rj->ri", finv[:, :, J], torch.linalg.solve(HJJ, Wm[:, J].unsqueeze(-1)).squeeze(-1))
+                Wm = Wm + delta
+                Wm[:, J] = 0.0
+            W[:, idx] = Wm
+        else:
+            A = damped(st.A.to(DTYPE) / max(st.a_count, 1), damping)[idx, idx]
+            W[:, idx] = _obs_update(W[:, idx].clone(), torch.linalg.inv(A), J)
+            if method == "kron-obs" and not rows_keep.all():
+                S = damped(st.S.to(DTYPE) / max(st.n, 1), damping)
+                Sinv = torch.linalg.inv(S)
+                W = _obs_update(W.T.clone(), Sinv, torch.as_tensor(np.nonzero(~rows_keep)[0])).T
+        w_new, b_new = view.split(W.numpy(), w, has_bias)
+        updates[view.weight] = w_new
+        if has_bias:
+            updates[view.bias] = b_new.astype(b.dtype).reshape(b.shape)
+    return updates
