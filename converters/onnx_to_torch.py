@@ -699,34 +699,25 @@ class _Step(NamedTuple):
 
 
 def _topo_order(graph: gs.Graph) -> list:
-    """graph.nodes if already topologically sorted, else a sorted copy of the list (graph untouched)."""
-    producer = {t.name: n for n in graph.nodes for t in n.outputs}
-    ready, in_order = {t.name for t in graph.inputs}, True
-    for n in graph.nodes:
-        if any(t.name in producer and t.name not in ready for t in n.inputs):
-            in_order = False
-            break
-        ready.update(t.name for t in n.outputs)
-    if in_order:
+    """The nodes in a valid execution order (graph.nodes itself when already sorted; graph untouched)."""
+    producer = {t.name: k for k, n in enumerate(graph.nodes) for t in n.outputs if t.name}
+    deps = [{producer[t.name] for t in n.inputs if t.name in producer} for n in graph.nodes]
+    if all(p < k for k, d in enumerate(deps) for p in d):
         return list(graph.nodes)
-    order, state = [], {}
-
-    def visit(node):
-        key = id(node)
-        if state.get(key) == 2:
-            return
-        if state.get(key) == 1:
-            raise ValueError(f"graph has a cycle through node {node.name!r}")
-        state[key] = 1
-        for t in node.inputs:
-            if t.name in producer:
-                visit(producer[t.name])
-        state[key] = 2
-        order.append(node)
-
-    for n in graph.nodes:
-        visit(n)
-    return order
+    users: list[list[int]] = [[] for _ in graph.nodes]
+    for k, d in enumerate(deps):
+        for p in d:
+            users[p].append(k)
+    waiting = [len(d) for d in deps]
+    order = [k for k, w in enumerate(waiting) if w == 0]
+    for k in order:  # Kahn's algorithm
+        for u in users[k]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                order.append(u)
+    if len(order) != len(graph.nodes):
+        raise ValueError("graph has a cycle")
+    return [graph.nodes[k] for k in order]
 
 
 class TorchGraph(torch.nn.Module):

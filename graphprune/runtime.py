@@ -22,6 +22,10 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",)):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "ValidateOpsetForDomain" in msg or "opset" in msg.lower() and "support" in msg.lower():
+            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), "?")
+            raise UserError(f"onnxruntime {ort.__version__} cannot run opset {opset} (verification, accuracy "
+                            "and latency need it; prune with --no-verify, or convert the model to a lower opset)") from None
         raise UserError(f"onnxruntime cannot load the model ({msg[:300]})") from None
 
 

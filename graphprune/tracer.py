@@ -126,7 +126,7 @@ def _static_shapes(graph: gs.Graph, opset: int) -> dict[str, list]:
     except Exception:
         return {}
     out = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = vi.type.tensor_type.shape.dim
         out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     wanted = [t.name for n in graph.nodes if n.op in SOURCE_OPS for t in (n.inputs[0], n.outputs[0])]

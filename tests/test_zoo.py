@@ -101,3 +101,26 @@ def test_structure_vgg_flatten_gemm_blocks(zoo_model, tmp_path):
 def test_structure_grouped_convs_prune_in_tiles(zoo_model):
     groups = _groups("resnext", zoo_model)
     assert any(g["channels_per_unit"] > 1 and g["prunable"] for g in groups)
+
+
+@pytest.mark.parametrize("opset", [21, 24, 26, onnx.defs.onnx_opset_version()])
+def test_newest_opsets(opset, zoo_model, tmp_path):
+    """Opsets up to the newest onnx knows load, trace and prune; parity needs onnxruntime support."""
+    from onnx import version_converter
+
+    import onnxruntime as ort
+
+    src = tmp_path / "m.onnx"
+    onnx.save(version_converter.convert_version(onnx.load(zoo_model("resnet_basic", "dynamo")), opset), str(src))
+    try:
+        ort.InferenceSession(str(src))
+        runnable = True
+    except Exception:
+        runnable = False
+    rep = prune(src, tmp_path / "o.onnx", PruneConfig(budget=Budget("flops", 0.6), verify=runnable))
+    assert rep["budget_met"]
+    pruned = onnx.load(str(tmp_path / "o.onnx"))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert pruned.opset_import[0].version == opset
+    if runnable:
+        assert rep["verification"]["ok"]
