@@ -12,10 +12,11 @@ import onnx
 from . import __version__, log
 from .cost import model_costs
 from .criteria import ScoringContext, make_criterion
+from .criteria.curvature import CURVATURE
 from .errors import UserError, VerificationError
 from .io import check_output, load_model, opset_of, save_model, write_json_atomic
 from .planner import Budget, make_plan
-from .rewriter import apply_plan, masked_original
+from .rewriter import apply_plan, expanded_pruned, masked_original
 from .runtime import run, session
 from .tracer import Trace, to_graph, trace
 from .verify import compare
@@ -30,6 +31,15 @@ class PruneConfig:
     seed: int = 0
     force: bool = False
     eval_data: str | None = None
+    # curvature criteria and compensation
+    calib: str | None = None  # .npz, one array per input (+ optional labels)
+    samples: int = 128
+    batch_size: int = 32
+    loss: str = "auto"
+    compensate: bool | None = None  # None: on for curvature criteria, off otherwise
+    damping: float = 1e-3
+    device: str = "cpu"
+    steps: int = 1
 
 
 def load_and_trace(path: str | os.PathLike) -> tuple[onnx.ModelProto, Trace]:
@@ -111,15 +121,121 @@ def evaluate(model: onnx.ModelProto, data_path: str | os.PathLike) -> float:
     return correct / max(n, 1)
 
 
+def _needs(criterion, compensate: str | None) -> set[str]:
+    needs = set(criterion.needs) - {"weights"}
+    if compensate == "woodfisher":
+        needs.add("woodfisher")
+    elif compensate:
+        needs.add("kfac")
+    return needs
+
+
+def _compensation_method(criterion, config: "PruneConfig") -> str | None:
+    """None, or "obs" / "kron-obs" / "woodfisher": curvature criteria compensate by default."""
+    on = config.compensate if config.compensate is not None else criterion.name in CURVATURE
+    if not on:
+        return None
+    return {"kron-obs": "kron-obs", "woodfisher": "woodfisher"}.get(criterion.name, "obs")
+
+
+def _prune_round(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget: Budget, timings: dict,
+                 tag: str = "") -> dict:
+    """One trace→score→plan→(compensate)→rewrite→check→verify round on an in-memory model."""
+    criterion = make_criterion("lossless" if budget.kind == "lossless" else config.criterion)
+    method = _compensation_method(criterion, config)
+    ctx = ScoringContext(tr)
+    needs = _needs(criterion, method)
+    meta: dict = {}
+    if needs:
+        from converters.onnx_to_torch import TorchGraph, UnsupportedOpError
+
+        from .curvature.collect import collect
+        from .curvature.data import load_calib, resolve_loss
+        from .curvature.layers import layer_views
+
+        t = time.perf_counter()
+        data = load_calib(model, config.calib, config.samples, config.seed)
+        out_shape = tr.state.cost_shape(tr.graph.outputs[0])
+        loss_kind = resolve_loss(config.loss, data, out_shape)
+        ctx.views = layer_views(tr.graph, tr.state)
+        try:
+            tg = TorchGraph(tr.graph, trainable=[n for v in ctx.views.values() for n in (v.weight, v.bias) if n],
+                            device=config.device)
+        except UnsupportedOpError as exc:
+            raise UserError(f"{exc}; use a weights-only criterion (magnitude) for this model") from None
+        ctx.stats = collect(tg, ctx.views, data, loss_kind, needs, batch_size=config.batch_size,
+                            damping=config.damping, seed=config.seed, device=config.device,
+                            on_batch=lambda g: criterion.on_batch(ctx, g))
+        timings[tag + "statistics"] = time.perf_counter() - t
+        meta = {"loss": loss_kind, "calibration": data.source, "samples": len(data)}
+    t = time.perf_counter()
+    scores = criterion.score(ctx)
+    timings[tag + "score"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plan = make_plan(tr, scores, budget)
+    timings[tag + "plan"] = time.perf_counter() - t
+    for note in plan.notes:
+        log.warn(note)
+    removed_roots = tr.removed_roots(plan.removed)
+    if method and removed_roots:
+        from .curvature.compensate import compensate
+
+        t = time.perf_counter()
+        tensors = tr.graph.tensors()
+        for name, values in compensate(ctx, tr.kept_fn(removed_roots), method, config.damping).items():
+            tensors[name].values = values
+        timings[tag + "compensate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pruned = onnx.shape_inference.infer_shapes(apply_plan(tr, removed_roots, model))
+    try:
+        check_output(pruned)
+    except Exception as exc:  # a bug, never the user's fault: keep the traceback
+        raise RuntimeError(f"internal error: pruned model fails onnx.checker: {exc}") from exc
+    if signature(pruned) != signature(model):
+        raise RuntimeError("internal error: pruned model changed the input/output signature")
+    timings[tag + "rewrite"] = time.perf_counter() - t
+    result = None
+    if config.verify:
+        t = time.perf_counter()
+        result = compare(masked_original(tr, removed_roots, model), pruned, seed=config.seed, rtol=config.rtol)
+        timings[tag + "verify"] = time.perf_counter() - t
+        if not result["ok"]:
+            raise VerificationError(f"pruned model differs from the masked original "
+                                    f"(max rel error {result.get('max_rel_error', float('nan')):.3g}); nothing written")
+    return {"criterion": criterion.name, "compensation": method, "plan": plan, "pruned": pruned,
+            "removed_roots": removed_roots, "verification": result, **meta}
+
+
+def _round_budgets(budget: Budget, steps: int, before: dict, current: dict, k: int) -> Budget:
+    """Budget for round k (1-based) of `steps`, relative to the current model."""
+    if steps == 1 or budget.kind == "lossless":
+        return budget
+    cap = 1 - (1 - budget.cap) ** (1 / steps)
+    if budget.kind == "channels":
+        ratio = budget.ratio ** (1 / steps)
+    else:
+        kind = "macs" if budget.kind == "flops" else "params"
+        target = 1 - (1 - budget.ratio) * k / steps
+        ratio = min(1.0, target * before[kind] / max(current[kind], 1.0))
+    return Budget(budget.kind, ratio, cap, budget.round_to, budget.best_effort)
+
+
+def _key(group) -> str:
+    return group.sources[0].node
+
+
 def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
           report_path: str | os.PathLike | None = None) -> dict:
-    """Trace, score, plan, rewrite, check, verify; then write OUT (and the report) atomically."""
+    """Trace, score, plan, compensate, rewrite, check, verify; then write OUT (and the report) atomically.
+    With ``config.steps`` > 1 the budget is reached in rounds, re-collecting statistics in between."""
     timings: dict[str, float] = {}
     out = Path(out)
     if out.exists() and not config.force:
         raise UserError(f"{out}: exists (use --force to overwrite)")
     if Path(path).exists() and out.exists() and out.resolve() == Path(path).resolve():
         raise UserError(f"{out}: refusing to overwrite the input model")
+    if config.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {config.steps}")
     t = time.perf_counter()
     model, tr = load_and_trace(path)
     timings["load_and_trace"] = time.perf_counter() - t
@@ -130,55 +246,67 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     prunable = [g for g in tr.groups if g.prunable]
     log.info(f"traced {len(model.graph.node)} nodes: {len(tr.groups)} groups, {len(prunable)} prunable "
              f"({sum(g.size for g in prunable)} channels)")
-    crit_name = "lossless" if config.budget.kind == "lossless" else config.criterion
-    criterion = make_criterion(crit_name)
-    t = time.perf_counter()
-    scores = criterion.score(ScoringContext(tr))
-    timings["score"] = time.perf_counter() - t
-    t = time.perf_counter()
-    plan = make_plan(tr, scores, config.budget)
-    timings["plan"] = time.perf_counter() - t
-    for note in plan.notes:
-        log.warn(note)
-    removed_roots = tr.removed_roots(plan.removed)
-    t = time.perf_counter()
-    pruned = apply_plan(tr, removed_roots, model)
-    pruned = onnx.shape_inference.infer_shapes(pruned)
-    try:
-        check_output(pruned)
-    except Exception as exc:  # a bug, never the user's fault: keep the traceback
-        raise RuntimeError(f"internal error: pruned model fails onnx.checker: {exc}") from exc
-    timings["rewrite"] = time.perf_counter() - t
-    if signature(pruned) != signature(model):
-        raise RuntimeError("internal error: pruned model changed the input/output signature")
-    after_tr = trace(to_graph(pruned), opset_of(pruned))
-    after = model_costs(after_tr)
+    tr0, before = tr, model_costs(tr)
+    alive = {_key(g): np.arange(g.size) for g in tr0.groups}
+    current_model, current, rounds = model, dict(before), []
+    for k in range(1, config.steps + 1):
+        budget = _round_budgets(config.budget, config.steps, before, current, k)
+        tag = f"round{k}_" if config.steps > 1 else ""
+        if config.steps > 1:
+            log.info(f"round {k}/{config.steps}: keep {budget.ratio:.3f} of the current {budget.kind}")
+        if k > 1:
+            tr = trace(to_graph(current_model), opset_of(current_model))
+        res = _prune_round(current_model, tr, config, budget, timings, tag)
+        for g in tr.groups:
+            rem = res["plan"].removed.get(g.id)
+            if rem is not None and _key(g) in alive:
+                alive[_key(g)] = np.delete(alive[_key(g)], rem)
+        current_model = res["pruned"]
+        after_tr = trace(to_graph(current_model), opset_of(current_model))
+        current = model_costs(after_tr)
+        rounds.append({"budget_ratio": budget.ratio, "macs": current["macs"], "params": current["params"],
+                       "verification": res["verification"], "budget_met": res["plan"].budget_met})
+    final = res
+    removed = {g.id: np.setdiff1d(np.arange(g.size), alive[_key(g)]) for g in tr0.groups
+               if len(alive.get(_key(g), np.arange(g.size))) < g.size}
+    pruned = current_model
     report = {
         "graphprune": __version__,
         "input": str(path),
         "output": str(out),
-        "criterion": crit_name,
+        "criterion": final["criterion"],
+        "compensation": final["compensation"],
         "budget": {"kind": config.budget.kind, "ratio": config.budget.ratio, "cap": config.budget.cap,
-                   "round_to": config.budget.round_to},
-        "budget_met": plan.budget_met,
-        "notes": plan.notes,
+                   "round_to": config.budget.round_to, "steps": config.steps},
+        "budget_met": final["plan"].budget_met,
+        "notes": final["plan"].notes,
         "totals": {
-            "macs_before": plan.before["macs"], "macs_after": after["macs"],
-            "params_before": plan.before["params"], "params_after": after["params"],
-            "macs_ratio": after["macs"] / max(plan.before["macs"], 1.0),
-            "params_ratio": after["params"] / max(plan.before["params"], 1.0),
-            "channels_removed": int(sum(len(v) for v in plan.removed.values())),
+            "macs_before": before["macs"], "macs_after": current["macs"],
+            "params_before": before["params"], "params_after": current["params"],
+            "macs_ratio": current["macs"] / max(before["macs"], 1.0),
+            "params_ratio": current["params"] / max(before["params"], 1.0),
+            "channels_removed": int(sum(len(v) for v in removed.values())),
         },
-        "groups": describe_groups(tr, plan.removed),
+        "groups": describe_groups(tr0, removed),
     }
+    for key in ("loss", "calibration", "samples"):
+        if key in final:
+            report[key] = final[key]
+    if config.steps > 1:
+        report["rounds"] = rounds
     if config.verify:
-        t = time.perf_counter()
-        result = compare(masked_original(tr, removed_roots, model), pruned, seed=config.seed, rtol=config.rtol)
-        timings["verify"] = time.perf_counter() - t
-        report["verification"] = result
-        if not result["ok"]:
-            raise VerificationError(f"pruned model differs from the masked original "
-                                    f"(max rel error {result.get('max_rel_error', float('nan')):.3g}); nothing written")
+        if config.steps > 1 or final["compensation"]:
+            # the report must let `graphprune verify` check ORIGINAL vs OUT on its own
+            t = time.perf_counter()
+            check = compare(expanded_pruned(tr0, tr0.removed_roots(removed), pruned, model), pruned,
+                            seed=config.seed, rtol=config.rtol)
+            timings["verify_expanded"] = time.perf_counter() - t
+            if not check["ok"]:
+                raise VerificationError(f"pruned model does not match the original's channel structure "
+                                        f"(max rel error {check.get('max_rel_error', float('nan')):.3g}); nothing written")
+            report["verification"] = {**final["verification"], "structure": check}
+        else:
+            report["verification"] = final["verification"]
     if config.eval_data:
         t = time.perf_counter()
         report["accuracy"] = {"before": evaluate(model, config.eval_data), "after": evaluate(pruned, config.eval_data)}
@@ -214,5 +342,9 @@ def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: 
             removed[g.id] = rem
     if signature(pruned) != signature(model):
         return {"ok": False, "reason": "input/output signature differs from the original"}
-    masked = masked_original(tr, tr.removed_roots(removed), model)
-    return compare(masked, pruned, seed=seed, rtol=rtol)
+    roots = tr.removed_roots(removed)
+    if report.get("compensation") or (report.get("budget") or {}).get("steps", 1) > 1:
+        reference = expanded_pruned(tr, roots, pruned, model)  # kept weights were updated: check structure
+    else:
+        reference = masked_original(tr, roots, model)
+    return compare(reference, pruned, seed=seed, rtol=rtol)

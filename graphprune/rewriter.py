@@ -122,3 +122,35 @@ def masked_original(trace: Trace, removed_roots, like: onnx.ModelProto) -> onnx.
 
 def clone(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy.deepcopy(model)
+
+
+def expanded_pruned(trace: Trace, removed_roots, pruned: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:
+    """The original graph carrying the *pruned model's* weights scattered back to their original
+    positions (zeros where channels were removed), then masked. Equal to the pruned model iff the
+    channel structure of the rewrite is right, whatever compensation did to the kept weights."""
+    from onnx import numpy_helper
+
+    graph = trace.graph.copy()
+    keep = trace.kept_fn(removed_roots)
+    masks: dict[str, dict[int, np.ndarray]] = {}
+    for m in trace.members:
+        per = masks.setdefault(m.tensor, {})
+        mk = keep(m.ids)
+        per[m.axis] = mk if m.axis not in per else per[m.axis] & mk
+    values = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    for name, t in graph.tensors().items():
+        if not isinstance(t, gs.Constant) or name not in values:
+            continue
+        orig = np.asarray(t.values)
+        per = masks.get(name, {})
+        index = tuple(np.nonzero(per[ax])[0] if ax in per else np.arange(d) for ax, d in enumerate(orig.shape))
+        kept_shape = tuple(len(i) for i in index)
+        new = values[name]
+        if new.shape == orig.shape and not per:
+            t.values = new.astype(orig.dtype)
+        elif new.shape == kept_shape:
+            full = np.zeros_like(orig)
+            full[np.ix_(*index)] = new
+            t.values = full
+    edit_constants(graph, member_edits(trace, keep, roles=("in",)), "zero")
+    return _export(graph, like)

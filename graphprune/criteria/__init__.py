@@ -3,12 +3,14 @@ plug in here with the same interface."""
 from __future__ import annotations
 
 from .base import Criterion, ScoringContext, Slice
+from .curvature import CURVATURE
 from .magnitude import Lossless, Magnitude
 
 CRITERIA: dict[str, type[Criterion] | object] = {
     "magnitude": lambda: Magnitude(2),
     "magnitude-l1": lambda: Magnitude(1),
     "lossless": Lossless,
+    **CURVATURE,
 }
 
 
