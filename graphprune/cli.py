@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="prune channels to a budget and write a smaller ONNX model")
     pr.add_argument("model")
     pr.add_argument("-o", "--output", required=True)
-    pr.add_argument("--criterion", default="magnitude", help="magnitude (L2, default) or magnitude-l1")
+    pr.add_argument("--criterion", default="magnitude",
+                    help="magnitude (default), magnitude-l1, taylor, fisher, kron-obd, kron-obs, woodfisher")
     b = pr.add_mutually_exclusive_group(required=True)
     b.add_argument("--keep-flops", type=_ratio, metavar="F", help="keep at most F x the MACs (batch 1)")
     b.add_argument("--keep-params", type=_ratio, metavar="F", help="keep at most F x the parameters")
@@ -96,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rtol", type=_tolerance, default=1e-4, help="parity tolerance (max relative error)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    cv = pr.add_argument_group("curvature criteria and weight compensation")
+    cv.add_argument("--calib", metavar="FILE.npz",
+                    help="calibration inputs: one array per graph input (or one unnamed array), optional 'labels'")
+    cv.add_argument("--samples", type=int, default=128, metavar="N", help="calibration samples to use (default 128)")
+    cv.add_argument("--batch-size", type=int, default=32, metavar="B", help="mini-batch size (default 32)")
+    cv.add_argument("--loss", default="auto",
+                    help="auto (labels if given, else true Fisher for classifiers, Gauss-Newton otherwise), "
+                         "labels, true-fisher, empirical-fisher, gauss-newton")
+    comp = cv.add_mutually_exclusive_group()
+    comp.add_argument("--compensate", nargs="?", const=True, default=None, metavar="METHOD",
+                      help="update kept weights (OBS); default on for curvature criteria; METHOD obs|kron-obs|woodfisher")
+    comp.add_argument("--no-compensate", dest="compensate", action="store_false")
+    cv.add_argument("--damping", type=float, default=1e-3, help="relative damping of curvature factors (default 1e-3)")
+    cv.add_argument("--steps", type=int, default=1, metavar="K", help="reach the budget in K rounds, re-scoring between")
+    cv.add_argument("--device", default="cpu", help="torch device for statistics (cpu, cuda)")
 
     ve = sub.add_parser("verify", help="compare a pruned model with its masked original")
     ve.add_argument("original")
@@ -140,8 +156,19 @@ def _cmd_prune(args) -> int:
         kind, ratio = next((k, v) for k, v in (("flops", args.keep_flops), ("params", args.keep_params),
                                                ("channels", args.keep_channels)) if v is not None)
     budget = Budget(kind, ratio, cap=args.max_group_removal, round_to=args.round_to, best_effort=args.best_effort)
+    if args.samples < 1 or args.batch_size < 1 or args.steps < 1:
+        raise UserError("--samples, --batch-size and --steps must be >= 1")
+    if not args.damping > 0:
+        raise UserError(f"--damping must be > 0, got {args.damping}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available to PyTorch")
     cfg = PruneConfig(criterion=args.criterion, budget=budget, verify=not args.no_verify, rtol=args.rtol,
-                      seed=args.seed, force=args.force, eval_data=args.eval)
+                      seed=args.seed, force=args.force, eval_data=args.eval, calib=args.calib,
+                      samples=args.samples, batch_size=args.batch_size, loss=args.loss,
+                      compensate=args.compensate, damping=args.damping, device=args.device, steps=args.steps)
     rep = prune(args.model, args.output, cfg, report_path=args.report)
     t = rep["totals"]
     print(f"wrote {args.output}: MACs {_human(t['macs_before'])} -> {_human(t['macs_after'])} "
@@ -151,6 +178,9 @@ def _cmd_prune(args) -> int:
         v = rep["verification"]
         print(f"verified against the masked original: max abs error {v['max_abs_error']:.2e}, "
               f"max rel error {v['max_rel_error']:.2e}")
+    if rep.get("compensation"):
+        print(f"weights compensated ({rep['compensation']}); curvature from {rep.get('samples')} samples "
+              f"of {rep.get('calibration')} with the {rep.get('loss')} loss")
     if "accuracy" in rep:
         a = rep["accuracy"]
         print(f"accuracy: {a['before']:.2%} -> {a['after']:.2%}")

@@ -36,7 +36,7 @@ class PruneConfig:
     samples: int = 128
     batch_size: int = 32
     loss: str = "auto"
-    compensate: bool | None = None  # None: on for curvature criteria, off otherwise
+    compensate: bool | str | None = None  # None: on for curvature criteria; or a method name
     damping: float = 1e-3
     device: str = "cpu"
     steps: int = 1
@@ -132,6 +132,12 @@ def _needs(criterion, compensate: str | None) -> set[str]:
 
 def _compensation_method(criterion, config: "PruneConfig") -> str | None:
     """None, or "obs" / "kron-obs" / "woodfisher": curvature criteria compensate by default."""
+    if isinstance(config.compensate, str):
+        from .curvature.compensate import METHODS
+
+        if config.compensate not in METHODS:
+            raise UserError(f"unknown compensation {config.compensate!r} (choose from {', '.join(METHODS)})")
+        return config.compensate
     on = config.compensate if config.compensate is not None else criterion.name in CURVATURE
     if not on:
         return None

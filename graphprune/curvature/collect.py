@@ -26,6 +26,7 @@ class LayerStats:
     S: torch.Tensor | None = None  # (out, out) summed over samples, divide by n
     fisher: torch.Tensor | None = None  # (out, cols+1) Σ_n g_n²
     finv: torch.Tensor | None = None  # (out, cols+1, cols+1) Woodbury-updated inverse
+    lam: float = 0.0  # WoodFisher dampening actually used
     n: int = 0
 
 
@@ -86,15 +87,22 @@ class _Accumulator:
             st.n += ds.shape[0]
 
     def _woodbury(self, st: LayerStats, gs: torch.Tensor) -> None:
-        """F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g), one rank-1 update per sample, all rows at once."""
+        """Woodbury updates of F̂⁻¹ = (λI + (1/m) Σ g gᵀ)⁻¹, every output row's block at once.
+
+        The k samples of a chunk are applied together with the rank-k form
+        F⁻¹ ← F⁻¹ − F⁻¹Gᵀ (m I + G F⁻¹ Gᵀ)⁻¹ G F⁻¹, which equals k successive rank-1 updates
+        F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g) exactly. λ = damping × mean diagonal of the
+        empirical Fisher, estimated on the first chunk (the gradients' scale is not known before).
+        """
+        G = gs.to(torch.float64).transpose(0, 1)  # (out, k, c)
         if st.finv is None:
-            out, c = gs.shape[1], gs.shape[2]
-            st.finv = torch.eye(c, dtype=torch.float64, device=gs.device).expand(out, c, c).clone() / self.damping
+            out, c = G.shape[0], G.shape[2]
+            st.lam = max(self.damping * float(G.pow(2).mean()), 1e-12)
+            st.finv = torch.eye(c, dtype=torch.float64, device=gs.device).expand(out, c, c).clone() / st.lam
         m = float(self.total)
-        for g in gs.to(torch.float64):  # (out, c): sequential over samples, batched over rows
-            u = torch.einsum("oij,oj->oi", st.finv, g)
-            denom = m + (g * u).sum(1)
-            st.finv -= torch.einsum("oi,oj->oij", u, u) / denom[:, None, None]
+        U = torch.einsum("oij,okj->oki", st.finv, G)  # F⁻¹ gᵀ per sample
+        K = m * torch.eye(G.shape[1], dtype=torch.float64, device=G.device) + torch.einsum("oki,oli->okl", G, U)
+        st.finv -= torch.einsum("oki,okl->oil", U, torch.linalg.solve(K, U))
 
 
 def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, needs: set[str], *,
