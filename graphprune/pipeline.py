@@ -16,7 +16,7 @@ from .criteria.curvature import CURVATURE
 from .errors import UserError, VerificationError
 from .io import check_output, load_model, opset_of, save_model, write_json_atomic
 from .planner import Budget, make_plan
-from .rewriter import apply_plan, expanded_pruned, masked_original
+from .rewriter import apply_plan, expanded_pruned, masked_original, sliced_mismatches
 from .runtime import run, session
 from .tracer import Trace, to_graph, trace
 from .verify import compare
@@ -190,6 +190,7 @@ def _prune_round(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget:
         tensors = tr.graph.tensors()
         for name, values in compensate(ctx, tr.kept_fn(removed_roots), method, config.damping).items():
             tensors[name].values = values
+            meta.setdefault("compensated_tensors", []).append(name)
         timings[tag + "compensate"] = time.perf_counter() - t
     t = time.perf_counter()
     pruned = onnx.shape_inference.infer_shapes(apply_plan(tr, removed_roots, model))
@@ -254,7 +255,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
              f"({sum(g.size for g in prunable)} channels)")
     tr0, before = tr, model_costs(tr)
     alive = {_key(g): np.arange(g.size) for g in tr0.groups}
-    current_model, current, rounds = model, dict(before), []
+    current_model, current, rounds, compensated = model, dict(before), [], set()
     for k in range(1, config.steps + 1):
         budget = _round_budgets(config.budget, config.steps, before, current, k)
         tag = f"round{k}_" if config.steps > 1 else ""
@@ -268,6 +269,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
             if rem is not None and _key(g) in alive:
                 alive[_key(g)] = np.delete(alive[_key(g)], rem)
         current_model = res["pruned"]
+        compensated.update(res.get("compensated_tensors", []))
         after_tr = trace(to_graph(current_model), opset_of(current_model))
         current = model_costs(after_tr)
         rounds.append({"budget_ratio": budget.ratio, "macs": current["macs"], "params": current["params"],
@@ -298,6 +300,8 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     for key in ("loss", "calibration", "samples"):
         if key in final:
             report[key] = final[key]
+    if compensated:
+        report["compensated_tensors"] = sorted(compensated)
     if config.steps > 1:
         report["rounds"] = rounds
     if config.verify:
@@ -350,7 +354,16 @@ def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: 
         return {"ok": False, "reason": "input/output signature differs from the original"}
     roots = tr.removed_roots(removed)
     if report.get("compensation") or (report.get("budget") or {}).get("steps", 1) > 1:
-        reference = expanded_pruned(tr, roots, pruned, model)  # kept weights were updated: check structure
+        # kept weights were updated: tensors compensation did not touch must be exact slices of the
+        # original, and the original graph carrying the pruned weights must compute the same function
+        skip = report.get("compensated_tensors", [])
+        if not isinstance(skip, list):
+            raise UserError("report: 'compensated_tensors' must be a list")
+        bad = sliced_mismatches(tr, roots, pruned, skip=set(skip))
+        if bad:
+            return {"ok": False, "reason": f"{len(bad)} initializers are not the original's slice for the "
+                                          f"reported removal (e.g. {bad[0]!r})"}
+        reference = expanded_pruned(tr, roots, pruned, model)
     else:
         reference = masked_original(tr, roots, model)
     return compare(reference, pruned, seed=seed, rtol=rtol)

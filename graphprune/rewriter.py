@@ -154,3 +154,24 @@ def expanded_pruned(trace: Trace, removed_roots, pruned: onnx.ModelProto, like: 
             t.values = full
     edit_constants(graph, member_edits(trace, keep, roles=("in",)), "zero")
     return _export(graph, like)
+
+
+def sliced_mismatches(trace: Trace, removed_roots, pruned: onnx.ModelProto, skip=()) -> list[str]:
+    """Initializers of PRUNED that are not exactly the original's slice for this removal (tensors in
+    ``skip``, e.g. those weight compensation rewrote, are not compared)."""
+    from onnx import numpy_helper
+
+    keep = trace.kept_fn(removed_roots)
+    specs = member_edits(trace, keep)
+    by_tensor: dict[str, set] = {}
+    for (node, index), spec in specs.items():
+        by_tensor.setdefault(trace.graph_node(node).inputs[index].name, set()).add(spec)
+    pruned_values = {i.name: i for i in pruned.graph.initializer}
+    bad = []
+    for name, found in by_tensor.items():
+        if name in skip or name not in pruned_values or len(found) != 1:
+            continue
+        expected = _apply_spec(trace.graph.tensors()[name].values, "slice", next(iter(found)))
+        if not np.array_equal(numpy_helper.to_array(pruned_values[name]), expected):
+            bad.append(name)
+    return bad

@@ -55,6 +55,11 @@ class Trace:
         r = self.roots[np.asarray(ids, dtype=np.int64)]
         return self.unit_gid[r], self.unit_pos[r]
 
+    def graph_node(self, name: str):
+        if not hasattr(self, "_nodes"):
+            self._nodes = {n.name: n for n in self.graph.nodes}
+        return self._nodes[name]
+
     def kept_fn(self, removed_roots):
         keep = np.ones(len(self.roots), dtype=bool)
         removed = np.asarray(sorted(removed_roots), dtype=np.int64)
