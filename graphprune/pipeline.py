@@ -144,6 +144,30 @@ def _compensation_method(criterion, config: "PruneConfig") -> str | None:
     return {"kron-obs": "kron-obs", "woodfisher": "woodfisher"}.get(criterion.name, "obs")
 
 
+def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, config: "PruneConfig",
+                       needs: set[str], timings: dict, tag: str = "", on_batch=None) -> dict:
+    """Calibration data → PyTorch executor → streamed statistics, stored on ``ctx``."""
+    from converters.onnx_to_torch import TorchGraph, UnsupportedOpError
+
+    from .curvature.collect import collect
+    from .curvature.data import load_calib, resolve_loss
+    from .curvature.layers import layer_views
+
+    t = time.perf_counter()
+    data = load_calib(model, config.calib, config.samples, config.seed)
+    loss_kind = resolve_loss(config.loss, data, tr.state.cost_shape(tr.graph.outputs[0]))
+    ctx.views = layer_views(tr.graph, tr.state)
+    try:
+        tg = TorchGraph(tr.graph, trainable=[n for v in ctx.views.values() for n in (v.weight, v.bias) if n],
+                        device=config.device)
+    except UnsupportedOpError as exc:
+        raise UserError(f"{exc}; use a weights-only criterion (magnitude) for this model") from None
+    ctx.stats = collect(tg, ctx.views, data, loss_kind, needs, batch_size=config.batch_size,
+                        damping=config.damping, seed=config.seed, device=config.device, on_batch=on_batch)
+    timings[tag + "statistics"] = time.perf_counter() - t
+    return {"loss": loss_kind, "calibration": data.source, "samples": len(data)}
+
+
 def _prune_round(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget: Budget, timings: dict,
                  tag: str = "") -> dict:
     """One trace→score→plan→(compensate)→rewrite→check→verify round on an in-memory model."""
@@ -151,29 +175,8 @@ def _prune_round(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget:
     method = _compensation_method(criterion, config)
     ctx = ScoringContext(tr)
     needs = _needs(criterion, method)
-    meta: dict = {}
-    if needs:
-        from converters.onnx_to_torch import TorchGraph, UnsupportedOpError
-
-        from .curvature.collect import collect
-        from .curvature.data import load_calib, resolve_loss
-        from .curvature.layers import layer_views
-
-        t = time.perf_counter()
-        data = load_calib(model, config.calib, config.samples, config.seed)
-        out_shape = tr.state.cost_shape(tr.graph.outputs[0])
-        loss_kind = resolve_loss(config.loss, data, out_shape)
-        ctx.views = layer_views(tr.graph, tr.state)
-        try:
-            tg = TorchGraph(tr.graph, trainable=[n for v in ctx.views.values() for n in (v.weight, v.bias) if n],
-                            device=config.device)
-        except UnsupportedOpError as exc:
-            raise UserError(f"{exc}; use a weights-only criterion (magnitude) for this model") from None
-        ctx.stats = collect(tg, ctx.views, data, loss_kind, needs, batch_size=config.batch_size,
-                            damping=config.damping, seed=config.seed, device=config.device,
-                            on_batch=lambda g: criterion.on_batch(ctx, g))
-        timings[tag + "statistics"] = time.perf_counter() - t
-        meta = {"loss": loss_kind, "calibration": data.source, "samples": len(data)}
+    meta = collect_statistics(model, tr, ctx, config, needs, timings, tag,
+                              on_batch=lambda g: criterion.on_batch(ctx, g)) if needs else {}
     t = time.perf_counter()
     scores = criterion.score(ctx)
     timings[tag + "score"] = time.perf_counter() - t
@@ -231,6 +234,84 @@ def _key(group) -> str:
     return group.sources[0].node
 
 
+def _finish(report: dict, model, pruned, path, out, config: "PruneConfig", report_path, timings) -> dict:
+    if config.eval_data:
+        t = time.perf_counter()
+        report["accuracy"] = {"before": evaluate(model, config.eval_data), "after": evaluate(pruned, config.eval_data)}
+        timings["evaluate"] = time.perf_counter() - t
+    report["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    save_model(pruned, out, src=path, force=config.force)
+    if report_path is not None:
+        try:
+            write_json_atomic(report, report_path)
+        except BaseException:
+            Path(out).unlink(missing_ok=True)
+            raise
+    return report
+
+
+def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timings) -> dict:
+    """Layer rewriting in the Kronecker-factored eigenbasis (see graphprune/eigendamage.py)."""
+    from . import eigendamage as ed
+    from .rewriter import _export
+
+    ed.check_supported(config.budget)
+    if config.steps != 1:
+        raise UserError("--criterion eigendamage is one-shot (no --steps)")
+    ctx = ScoringContext(tr)
+    meta = collect_statistics(model, tr, ctx, config, {"kfac"}, timings)
+    nodes = {n.name: n for n in tr.graph.nodes}
+    views = {n: v for n, v in ctx.views.items() if v.groups == 1 and ctx.stats.layers[n].n > 0
+             and float(nodes[n].attrs.get("alpha", 1.0)) == 1.0 and float(nodes[n].attrs.get("beta", 1.0)) == 1.0
+             and len(tr.graph.tensors()[v.weight].outputs) == 1}
+    ctx.views = views
+    t = time.perf_counter()
+    kfes = {n: ed.decompose(ctx, v, config.damping) for n, v in views.items()}
+    before = model_costs(tr)
+    fixed = before["macs"] - sum(ed.layer_macs(v, kfes[n], v.out, v.cols // v.taps)[0] for n, v in views.items())
+    ranks, _ = ed.plan_ranks(ctx, kfes, config.budget.ratio * before["macs"], fixed)
+    timings["score_and_plan"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ref_graph = tr.graph.copy()
+    ref_tensors = ref_graph.tensors()
+    for name, values in ed.projected_weights(ctx, kfes, ranks).items():
+        ref_tensors[name].values = values
+    reference = _export(ref_graph, model)
+    new_graph = tr.graph.copy()
+    layers = ed.rewrite(new_graph, ctx, kfes, ranks)
+    pruned = onnx.shape_inference.infer_shapes(_export(new_graph, model))
+    check_output(pruned)
+    if signature(pruned) != signature(model):
+        raise RuntimeError("internal error: eigendamage changed the input/output signature")
+    timings["rewrite"] = time.perf_counter() - t
+    after = model_costs(trace(to_graph(pruned), opset_of(pruned)))
+    met = after["macs"] <= config.budget.ratio * before["macs"] * (1 + 1e-9)
+    notes = []
+    if not met:
+        msg = (f"budget --keep-flops {config.budget.ratio:g} cannot be met with eigendamage: reached "
+               f"{after['macs'] / before['macs']:.3f}")
+        if not config.budget.best_effort:
+            raise UserError(msg + "; use --best-effort to accept it")
+        notes.append(msg)
+    report = {"graphprune": __version__, "input": str(path), "output": str(out), "criterion": "eigendamage",
+              "compensation": None, "budget": {"kind": "flops", "ratio": config.budget.ratio, "steps": 1},
+              "budget_met": met, "notes": notes, **meta,
+              "totals": {"macs_before": before["macs"], "macs_after": after["macs"],
+                         "params_before": before["params"], "params_after": after["params"],
+                         "macs_ratio": after["macs"] / max(before["macs"], 1.0),
+                         "params_ratio": after["params"] / max(before["params"], 1.0), "channels_removed": 0},
+              "layers": layers, "groups": describe_groups(tr)}
+    if config.verify:
+        t = time.perf_counter()
+        res = compare(reference, pruned, seed=config.seed, rtol=config.rtol)
+        timings["verify"] = time.perf_counter() - t
+        report["verification"] = res
+        if not res["ok"]:
+            raise VerificationError(f"eigendamage bottlenecks differ from the projected original "
+                                    f"(max rel error {res.get('max_rel_error', float('nan')):.3g}); nothing written")
+    return _finish(report, model, pruned, path, out, config, report_path, timings)
+
+
 def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
           report_path: str | os.PathLike | None = None) -> dict:
     """Trace, score, plan, compensate, rewrite, check, verify; then write OUT (and the report) atomically.
@@ -250,6 +331,8 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         from .calib import load_labelled
 
         load_labelled(model, config.eval_data)
+    if config.criterion == "eigendamage" and config.budget.kind != "lossless":
+        return _eigendamage(path, out, config, report_path, model, tr, timings)
     prunable = [g for g in tr.groups if g.prunable]
     log.info(f"traced {len(model.graph.node)} nodes: {len(tr.groups)} groups, {len(prunable)} prunable "
              f"({sum(g.size for g in prunable)} channels)")
@@ -317,19 +400,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
             report["verification"] = {**final["verification"], "structure": check}
         else:
             report["verification"] = final["verification"]
-    if config.eval_data:
-        t = time.perf_counter()
-        report["accuracy"] = {"before": evaluate(model, config.eval_data), "after": evaluate(pruned, config.eval_data)}
-        timings["evaluate"] = time.perf_counter() - t
-    report["timings"] = {k: round(v, 4) for k, v in timings.items()}
-    save_model(pruned, out, src=path, force=config.force)
-    if report_path is not None:
-        try:
-            write_json_atomic(report, report_path)
-        except BaseException:
-            out.unlink(missing_ok=True)
-            raise
-    return report
+    return _finish(report, model, pruned, path, out, config, report_path, timings)
 
 
 def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: dict, *, rtol: float = 1e-4,
@@ -337,6 +408,8 @@ def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: 
     """Rebuild the masked original from ORIGINAL and the report, compare it with PRUNED."""
     model, tr = load_and_trace(original)
     pruned = load_model(pruned_path)
+    if report.get("criterion") == "eigendamage":
+        return _verify_eigendamage(model, tr, pruned, report, rtol=rtol, seed=seed)
     groups = report.get("groups")
     if not isinstance(groups, list) or len(groups) != len(tr.groups):
         raise UserError("report does not describe this original model (group count differs)")
@@ -367,3 +440,32 @@ def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: 
     else:
         reference = masked_original(tr, roots, model)
     return compare(reference, pruned, seed=seed, rtol=rtol)
+
+
+def _verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict, *, rtol: float, seed: int) -> dict:
+    """The original carrying, for each rewritten layer, the product of its three bottleneck weights
+    must compute what PRUNED computes."""
+    from onnx import numpy_helper
+
+    from . import eigendamage as ed
+    from .curvature.layers import layer_views
+    from .rewriter import _export
+
+    if signature(pruned) != signature(model):
+        return {"ok": False, "reason": "input/output signature differs from the original"}
+    views = layer_views(tr.graph, tr.state)
+    values = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    graph = tr.graph.copy()
+    tensors = graph.tensors()
+    layers = report.get("layers")
+    if not isinstance(layers, list):
+        raise UserError("report: eigendamage report without a 'layers' list")
+    for entry in layers:
+        view = views.get(entry.get("layer")) if isinstance(entry, dict) else None
+        if view is None or any(w not in values for w in entry.get("weights", [])) or len(entry.get("weights", [])) != 3:
+            raise UserError("report does not describe this original/pruned pair (eigendamage layers differ)")
+        reason = ed.check_bottleneck(values, entry, view, np.asarray(tensors[view.weight].values))
+        if reason:
+            return {"ok": False, "reason": reason}
+        tensors[view.weight].values = ed.weights_from_bottleneck(values, entry, view).astype(np.float32)
+    return compare(_export(graph, model), pruned, seed=seed, rtol=rtol)

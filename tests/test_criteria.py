@@ -299,3 +299,61 @@ def test_bad_calibration_is_a_one_line_error(arrays, flags, msg, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0] and "Traceback" not in res.stderr
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ EigenDamage
+def test_eigendamage_importance_matches_brute_force(fitted):
+    """Removing eigen-column j of the output layer costs ½‖W q_j‖² E[(q_jᵀh)²] exactly; the KFE
+    estimate Σ_i ½ W*²_ij λ_S,i λ_A,j matches it (S ≈ I for the sampled Gauss-Newton loss)."""
+    from graphprune.eigendamage import decompose
+
+    tr, ctx = stats_for(fitted["model"], fitted["x"], None, "gauss-newton", {"kfac"}, batch_size=500)
+    view = next(v for v in ctx.views.values() if v.weight == "w2")
+    k = decompose(ctx, view, 1e-9)
+    h, w2 = fitted["h"], fitted["w2"]
+    brute = np.array([0.5 * np.sum((w2 @ k.QA[:, j]) ** 2) * np.mean((h @ k.QA[:, j]) ** 2)
+                      for j in range(k.QA.shape[1])])
+    np.testing.assert_allclose(k.col_imp, brute, rtol=0.15, atol=1e-6 * brute.max())
+
+
+def test_eigendamage_rewrites_layers_and_verifies(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    base = [sys.executable, "-m", "graphprune.cli", "-q"]
+    res = subprocess.run(base + ["prune", "samples/digits_resnet.onnx", "-o", str(out), "--keep-flops", "0.5",
+                                 "--criterion", "eigendamage", "--calib", "samples/digits_calib.npz",
+                                 "--eval", "samples/digits_test.npz", "--report", str(rep)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(rep.read_text())
+    assert report["totals"]["macs_ratio"] <= 0.5 and report["layers"]
+    assert report["accuracy"]["after"] > 0.5
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Conv") > 6  # three nodes replace each rewritten conv
+    for entry in report["layers"]:
+        assert entry["macs_after"] < entry["macs_before"]
+    ok = subprocess.run(base + ["verify", "samples/digits_resnet.onnx", str(out), "--report", str(rep)])
+    assert ok.returncode == 0
+    # a tampered bottleneck weight is caught
+    m = onnx.load(str(out))
+    init = next(i for i in m.graph.initializer if i.name == report["layers"][0]["weights"][1])
+    vals = numpy_helper.to_array(init).copy()
+    vals.flat[0] += 1.0
+    init.CopyFrom(numpy_helper.from_array(vals, init.name))
+    onnx.save(m, str(out))
+    bad = subprocess.run(base + ["verify", "samples/digits_resnet.onnx", str(out), "--report", str(rep)])
+    assert bad.returncode == 1
+
+
+def test_eigendamage_channel_is_a_channel_criterion(tmp_path):
+    from graphprune.pipeline import PruneConfig, prune
+    from graphprune.planner import Budget
+
+    rep = prune("samples/digits_resnet.onnx", tmp_path / "o.onnx",
+                PruneConfig(criterion="eigendamage-channel", budget=Budget("flops", 0.5),
+                            calib="samples/digits_calib.npz", eval_data="samples/digits_test.npz"))
+    assert rep["verification"]["ok"] and rep["compensation"] == "obs"
+    assert rep["accuracy"]["after"] > 0.8
