@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--report", required=True, metavar="REPORT.json")
     ve.add_argument("--rtol", type=_tolerance, default=1e-4)
     ve.add_argument("--seed", type=int, default=0)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.commands.{name}").register(sub, COMMON)
     return p
 
 
@@ -212,6 +215,10 @@ def _cmd_verify(args) -> int:
 
 
 COMMANDS = {"inspect": _cmd_inspect, "prune": _cmd_prune, "verify": _cmd_verify}
+#: subcommands defined in graphprune/commands/<name>.py
+COMMAND_MODULES: tuple[str, ...] = ()
+#: argument helpers shared with command modules
+COMMON = {"ratio": _ratio, "tolerance": _tolerance, "human": _human, "same_file": _same_file}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         log.set_quiet(True)
     try:
-        return COMMANDS[args.command](args)
+        run = getattr(args, "run", None) or COMMANDS[args.command]
+        return run(args)
     except UserError as exc:
         print(f"graphprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
