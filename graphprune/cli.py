@@ -67,27 +67,17 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="graphprune", description="Structured channel pruning of ONNX models.")
-    p.add_argument("--version", action="version", version=f"graphprune {__version__}")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    ins = sub.add_parser("inspect", help="list channel groups, MACs and params")
-    ins.add_argument("model")
-    ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ins.add_argument("--all", action="store_true", help="show every group (default: first 40)")
-
-    pr = sub.add_parser("prune", help="prune channels to a budget and write a smaller ONNX model")
-    pr.add_argument("model")
-    pr.add_argument("-o", "--output", required=True)
+def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True) -> None:
+    """Options shared by `prune` and `compress`."""
     pr.add_argument("--criterion", default="magnitude",
                     help="magnitude (default), magnitude-l1, taylor, fisher, kron-obd, kron-obs, woodfisher")
-    b = pr.add_mutually_exclusive_group(required=True)
+    b = pr.add_mutually_exclusive_group(required=budget_required)
     b.add_argument("--keep-flops", type=_ratio, metavar="F", help="keep at most F x the MACs (batch 1)")
     b.add_argument("--keep-params", type=_ratio, metavar="F", help="keep at most F x the parameters")
     b.add_argument("--keep-channels", type=_ratio, metavar="F", help="keep F of every group (uniform)")
     b.add_argument("--lossless", action="store_true", help="remove only channels proven identically zero")
+    b.add_argument("--keep-latency", type=_ratio, metavar="F",
+                   help="measured latency at most F x the dense model's (per-layer latency tables)")
     pr.add_argument("--round-to", type=int, default=1, metavar="N", help="kept widths multiple of N")
     pr.add_argument("--max-group-removal", type=float, default=0.9, metavar="F",
                     help="remove at most F of any group (default 0.9; never all of it)")
@@ -113,6 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--damping", type=float, default=1e-3, help="relative damping of curvature factors (default 1e-3)")
     cv.add_argument("--steps", type=int, default=1, metavar="K", help="reach the budget in K rounds, re-scoring between")
     cv.add_argument("--device", default="cpu", help="torch device for statistics (cpu, cuda)")
+    lt = pr.add_argument_group("hardware-aware planning (--keep-latency)")
+    lt.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"),
+                    help="onnxruntime provider to measure on (default cpu)")
+    lt.add_argument("--latency-batch", type=int, default=8, metavar="B", help="batch size to measure at (default 8)")
+    lt.add_argument("--latency-cache", metavar="FILE",
+                    help="per-layer latency cache (default ~/.cache/graphprune/latency.json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphprune", description="Structured channel pruning of ONNX models.")
+    p.add_argument("--version", action="version", version=f"graphprune {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ins = sub.add_parser("inspect", help="list channel groups, MACs and params")
+    ins.add_argument("model")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--all", action="store_true", help="show every group (default: first 40)")
+
+    pr = sub.add_parser("prune", help="prune channels to a budget and write a smaller ONNX model")
+    pr.add_argument("model")
+    pr.add_argument("-o", "--output", required=True)
+    add_prune_options(pr, budget_required=True)
 
     ve = sub.add_parser("verify", help="compare a pruned model with its masked original")
     ve.add_argument("original")
@@ -148,19 +161,22 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _cmd_prune(args) -> int:
-    from .pipeline import PruneConfig, prune
+def config_from_args(args, default_budget: tuple[str, float] | None = None):
+    """PruneConfig from the options added by add_prune_options."""
+    from .pipeline import PruneConfig
     from .planner import Budget
 
-    _check_report_path(args)
     if args.lossless:
         kind, ratio = "lossless", 1.0
     else:
-        kind, ratio = next((k, v) for k, v in (("flops", args.keep_flops), ("params", args.keep_params),
-                                               ("channels", args.keep_channels)) if v is not None)
+        kind, ratio = next(((k, v) for k, v in (("flops", args.keep_flops), ("params", args.keep_params),
+                                                ("channels", args.keep_channels), ("latency", args.keep_latency))
+                            if v is not None), default_budget or (None, None))
+        if kind is None:
+            raise UserError("choose a budget: --keep-flops, --keep-params, --keep-channels, --keep-latency or --lossless")
     budget = Budget(kind, ratio, cap=args.max_group_removal, round_to=args.round_to, best_effort=args.best_effort)
-    if args.samples < 1 or args.batch_size < 1 or args.steps < 1:
-        raise UserError("--samples, --batch-size and --steps must be >= 1")
+    if args.samples < 1 or args.batch_size < 1 or args.steps < 1 or args.latency_batch < 1:
+        raise UserError("--samples, --batch-size, --steps and --latency-batch must be >= 1")
     if not args.damping > 0:
         raise UserError(f"--damping must be > 0, got {args.damping}")
     if args.device.startswith("cuda"):
@@ -168,13 +184,16 @@ def _cmd_prune(args) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available to PyTorch")
-    cfg = PruneConfig(criterion=args.criterion, budget=budget, verify=not args.no_verify, rtol=args.rtol,
-                      seed=args.seed, force=args.force, eval_data=args.eval, calib=args.calib,
-                      samples=args.samples, batch_size=args.batch_size, loss=args.loss,
-                      compensate=args.compensate, damping=args.damping, device=args.device, steps=args.steps)
-    rep = prune(args.model, args.output, cfg, report_path=args.report)
+    return PruneConfig(criterion=args.criterion, budget=budget, verify=not args.no_verify, rtol=args.rtol,
+                       seed=args.seed, force=args.force, eval_data=args.eval, calib=args.calib,
+                       samples=args.samples, batch_size=args.batch_size, loss=args.loss,
+                       compensate=args.compensate, damping=args.damping, device=args.device, steps=args.steps,
+                       provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache)
+
+
+def print_summary(rep: dict, output: str) -> None:
     t = rep["totals"]
-    print(f"wrote {args.output}: MACs {_human(t['macs_before'])} -> {_human(t['macs_after'])} "
+    print(f"wrote {output}: MACs {_human(t['macs_before'])} -> {_human(t['macs_after'])} "
           f"({t['macs_ratio']:.1%}), params {_human(t['params_before'])} -> {_human(t['params_after'])} "
           f"({t['params_ratio']:.1%}), {t['channels_removed']} channels removed")
     if "verification" in rep:
@@ -184,9 +203,22 @@ def _cmd_prune(args) -> int:
     if rep.get("compensation"):
         print(f"weights compensated ({rep['compensation']}); curvature from {rep.get('samples')} samples "
               f"of {rep.get('calibration')} with the {rep.get('loss')} loss")
+    if "latency" in rep:
+        lat = rep["latency"]
+        print(f"latency ({lat['provider']}, batch {lat['batch']}): {lat['dense_ms']:.3f} ms -> measured "
+              f"{lat['measured_ms']:.3f} ms (target {lat['target_ms']:.3f}, predicted {lat['predicted_ms']:.3f})")
     if "accuracy" in rep:
         a = rep["accuracy"]
         print(f"accuracy: {a['before']:.2%} -> {a['after']:.2%}")
+
+
+def _cmd_prune(args) -> int:
+    from .pipeline import prune
+
+    _check_report_path(args)
+    cfg = config_from_args(args)
+    rep = prune(args.model, args.output, cfg, report_path=args.report)
+    print_summary(rep, args.output)
     if args.report:
         print(f"report: {args.report}")
     return 0
@@ -216,9 +248,11 @@ def _cmd_verify(args) -> int:
 
 COMMANDS = {"inspect": _cmd_inspect, "prune": _cmd_prune, "verify": _cmd_verify}
 #: subcommands defined in graphprune/commands/<name>.py
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("bench", "convert", "compress")
 #: argument helpers shared with command modules
-COMMON = {"ratio": _ratio, "tolerance": _tolerance, "human": _human, "same_file": _same_file}
+COMMON = {"ratio": _ratio, "tolerance": _tolerance, "human": _human, "same_file": _same_file,
+          "add_prune_options": add_prune_options, "config_from_args": config_from_args,
+          "print_summary": print_summary}
 
 
 def main(argv: list[str] | None = None) -> int:

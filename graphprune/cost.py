@@ -16,8 +16,14 @@ from .tracer import Trace
 
 @dataclass
 class Term:
+    """coef × Π kept(array), or fn(*kept counts) when a measured table gives the cost."""
+
     coef: float
     arrays: tuple[int, ...]
+    fn: object = None
+
+    def value(self, counts) -> float:
+        return float(self.fn(*counts)) if self.fn is not None else self.coef * float(np.prod(counts))
 
 
 class CostModel:
@@ -51,9 +57,39 @@ class CostModel:
                     self.array_terms.setdefault(a, []).append((kind, ti))
         self._is_tensor = np.zeros(len(self.arrays), dtype=bool)
         self._is_tensor[self.tensor_arrays] = True
+        self.latency_terms: list[Term] = []
         self.totals = {"macs": self._total(self.macs_terms, self.count),
                        "params": self._total(self.params_terms, self.count)}
         self.full = dict(self.totals)
+
+    def add_latency(self, table) -> int:
+        """Per-layer latency terms (ms) from a graphprune.latency.LatencyTable; returns how many
+        layers have a table (others are fixed cost the end-to-end measurement accounts for)."""
+        from .latency import interpolator, layer_spec
+
+        for layer in self.trace.state.layers:
+            spec = layer_spec(self.trace, layer)
+            if spec is None:
+                continue
+            f = interpolator(*table.grid(spec))
+            arrays, slots = [], []
+            for ids, size in ((layer.out_ids, layer.out_size), (layer.in_ids, layer.in_size)):
+                slots.append(None if ids is None else len(arrays))
+                if ids is not None:
+                    arrays.append(self._array(ids))
+            sizes = (layer.out_size, layer.in_size)
+
+            def fn(*counts, slots=tuple(slots), sizes=sizes, f=f):
+                o, i = (sizes[k] if slots[k] is None else counts[slots[k]] for k in range(2))
+                return f(o, i)
+
+            self.latency_terms.append(Term(0.0, tuple(arrays), fn))
+        for ti, t in enumerate(self.latency_terms):
+            for a in t.arrays:
+                self.array_terms.setdefault(a, []).append(("latency", ti))
+        self.totals["latency"] = self._total(self.latency_terms, self.count)
+        self.full["latency"] = self._total(self.latency_terms, np.array([len(a) for a in self.arrays], float))
+        return len(self.latency_terms)
 
     def _array(self, ids) -> int:
         roots = self.trace.roots[np.asarray(ids, dtype=np.int64)]
@@ -82,10 +118,10 @@ class CostModel:
 
     @staticmethod
     def _total(terms: list[Term], count: np.ndarray) -> float:
-        return float(sum(t.coef * np.prod([count[a] for a in t.arrays]) for t in terms))
+        return float(sum(t.value([count[a] for a in t.arrays]) for t in terms))
 
     def _terms(self, kind: str) -> list[Term]:
-        return self.macs_terms if kind == "macs" else self.params_terms
+        return {"macs": self.macs_terms, "params": self.params_terms, "latency": self.latency_terms}[kind]
 
     def delta(self, roots, kind: str) -> float:
         """Cost change (negative = saving) if ``roots`` were removed now."""
@@ -98,9 +134,7 @@ class CostModel:
         d = 0.0
         for ti in terms:
             t = tl[ti]
-            old = np.prod([self.count[a] for a in t.arrays])
-            new = np.prod([changed.get(a, self.count[a]) for a in t.arrays])
-            d += t.coef * (new - old)
+            d += t.value([changed.get(a, self.count[a]) for a in t.arrays]) - t.value([self.count[a] for a in t.arrays])
         return float(d)
 
     def allowed(self, roots) -> bool:

@@ -40,6 +40,11 @@ class PruneConfig:
     damping: float = 1e-3
     device: str = "cpu"
     steps: int = 1
+    # hardware-aware planning (--keep-latency)
+    provider: str = "cpu"
+    latency_batch: int = 8
+    latency_cache: str | None = None
+    latency_attempts: int = 5
 
 
 def load_and_trace(path: str | os.PathLike) -> tuple[onnx.ModelProto, Trace]:
@@ -168,9 +173,7 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
     return {"loss": loss_kind, "calibration": data.source, "samples": len(data)}
 
 
-def _prune_round(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget: Budget, timings: dict,
-                 tag: str = "") -> dict:
-    """One trace→score→plan→(compensate)→rewrite→check→verify round on an in-memory model."""
+def _score(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget: Budget, timings: dict, tag: str):
     criterion = make_criterion("lossless" if budget.kind == "lossless" else config.criterion)
     method = _compensation_method(criterion, config)
     ctx = ScoringContext(tr)
@@ -180,20 +183,27 @@ def _prune_round(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget:
     t = time.perf_counter()
     scores = criterion.score(ctx)
     timings[tag + "score"] = time.perf_counter() - t
+    return criterion, method, ctx, scores, meta
+
+
+def _apply(model, tr: Trace, ctx, scores, criterion, method, meta: dict, config: PruneConfig, budget: Budget,
+           timings: dict, tag: str, latency_table=None) -> dict:
+    """plan → (compensate) → rewrite → check → verify. Compensation writes into ``tr.graph``; the
+    original values are returned under "originals" so a caller can restore them."""
     t = time.perf_counter()
-    plan = make_plan(tr, scores, budget)
+    plan = make_plan(tr, scores, budget, latency_table)
     timings[tag + "plan"] = time.perf_counter() - t
-    for note in plan.notes:
-        log.warn(note)
     removed_roots = tr.removed_roots(plan.removed)
+    originals, compensated = {}, []
     if method and removed_roots:
         from .curvature.compensate import compensate
 
         t = time.perf_counter()
         tensors = tr.graph.tensors()
         for name, values in compensate(ctx, tr.kept_fn(removed_roots), method, config.damping).items():
+            originals[name] = tensors[name].values
             tensors[name].values = values
-            meta.setdefault("compensated_tensors", []).append(name)
+            compensated.append(name)
         timings[tag + "compensate"] = time.perf_counter() - t
     t = time.perf_counter()
     pruned = onnx.shape_inference.infer_shapes(apply_plan(tr, removed_roots, model))
@@ -213,7 +223,73 @@ def _prune_round(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget:
             raise VerificationError(f"pruned model differs from the masked original "
                                     f"(max rel error {result.get('max_rel_error', float('nan')):.3g}); nothing written")
     return {"criterion": criterion.name, "compensation": method, "plan": plan, "pruned": pruned,
-            "removed_roots": removed_roots, "verification": result, **meta}
+            "removed_roots": removed_roots, "verification": result, "originals": originals,
+            "compensated_tensors": compensated, **meta}
+
+
+def _latency_round(model, tr: Trace, ctx, scores, criterion, method, meta, config: PruneConfig, budget: Budget,
+                   timings: dict, tag: str) -> dict:
+    """--keep-latency: plan against the per-layer latency table, measure the pruned model end to
+    end, and correct the layer budget until the measured latency lands on the target."""
+    from .latency import LatencyTable
+
+    t = time.perf_counter()
+    table = LatencyTable(config.provider, config.latency_batch, config.latency_cache)
+    ratio, attempts, best = budget.ratio, [], None
+    for attempt in range(config.latency_attempts):
+        res = _apply(model, tr, ctx, scores, criterion, method, meta, config,
+                     Budget("latency", ratio, budget.cap, budget.round_to, best_effort=True), timings, tag, table)
+        dense, measured = table.measure_pair(model, res["pruned"])
+        target = budget.ratio * dense
+        plan = res["plan"]
+        attempts.append({"layer_budget": round(ratio, 4), "layers_ms_before": plan.before["latency"],
+                         "layers_ms_predicted": plan.after["latency"],
+                         "predicted_ms": dense * plan.after["latency"] / max(plan.before["latency"], 1e-9),
+                         "measured_ms": measured})
+        log.info(f"latency attempt {attempt + 1}: layer budget {ratio:.3f}, measured {measured:.3f} ms "
+                 f"(target {target:.3f} ms)")
+        error = abs(measured / target - 1)
+        within = 0.9 * target <= measured <= target
+        if best is None or (within and not best[2]) or (within == best[2] and error < best[0]):
+            best = (error, {**res, "_measured": measured, "_dense": dense, "_target": target}, within)
+        tensors = tr.graph.tensors()
+        for name, values in res["originals"].items():  # undo compensation before another attempt
+            tensors[name].values = values
+        if within:
+            break
+        ratio = float(min(1.0, max(0.01, ratio * target / measured)))
+    timings[tag + "latency_planning"] = time.perf_counter() - t
+    timings[tag + "latency_tables_measured_s"] = table.seconds
+    table.save()
+    res = best[1]
+    dense, target = res["_dense"], res["_target"]
+    met = res["_measured"] <= target * 1.1
+    res["latency"] = {"provider": config.provider, "device": table.device, "batch": config.latency_batch,
+                      "dense_ms": dense, "target_ms": target, "measured_ms": res["_measured"],
+                      "predicted_ms": next(a["predicted_ms"] for a in attempts if a["measured_ms"] == res["_measured"]),
+                      "attempts": attempts, "cache": str(table.cache_path), "layers_measured": table.measured}
+    res["plan"].budget_met = met
+    res["plan"].notes = []  # the layer-sum budget is internal; only the measured target counts
+    if not met:
+        msg = (f"--keep-latency {budget.ratio:g}: best measured {res['_measured']:.3f} ms for a target of "
+               f"{target:.3f} ms ({res['_measured'] / dense:.2f} of dense)")
+        if not budget.best_effort:
+            raise UserError(msg + "; use --best-effort to accept it")
+        res["plan"].notes.append(msg)
+    return res
+
+
+def _prune_round(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget: Budget, timings: dict,
+                 tag: str = "") -> dict:
+    """One trace→score→plan→(compensate)→rewrite→check→verify round on an in-memory model."""
+    criterion, method, ctx, scores, meta = _score(model, tr, config, budget, timings, tag)
+    if budget.kind == "latency":
+        res = _latency_round(model, tr, ctx, scores, criterion, method, meta, config, budget, timings, tag)
+    else:
+        res = _apply(model, tr, ctx, scores, criterion, method, meta, config, budget, timings, tag)
+    for note in res["plan"].notes:
+        log.warn(note)
+    return res
 
 
 def _round_budgets(budget: Budget, steps: int, before: dict, current: dict, k: int) -> Budget:
@@ -324,6 +400,10 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         raise UserError(f"{out}: refusing to overwrite the input model")
     if config.steps < 1:
         raise UserError(f"--steps must be >= 1, got {config.steps}")
+    if config.budget.kind == "latency" and config.steps > 1:
+        raise UserError("--keep-latency is planned against measurements in one round (no --steps)")
+    if config.provider not in ("cpu", "cuda", "tensorrt"):
+        raise UserError(f"unknown --provider {config.provider!r} (cpu, cuda, tensorrt)")
     t = time.perf_counter()
     model, tr = load_and_trace(path)
     timings["load_and_trace"] = time.perf_counter() - t
@@ -338,7 +418,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
              f"({sum(g.size for g in prunable)} channels)")
     tr0, before = tr, model_costs(tr)
     alive = {_key(g): np.arange(g.size) for g in tr0.groups}
-    current_model, current, rounds, compensated = model, dict(before), [], set()
+    current_model, current, rounds, compensated, latency_info = model, dict(before), [], set(), None
     for k in range(1, config.steps + 1):
         budget = _round_budgets(config.budget, config.steps, before, current, k)
         tag = f"round{k}_" if config.steps > 1 else ""
@@ -353,6 +433,8 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
                 alive[_key(g)] = np.delete(alive[_key(g)], rem)
         current_model = res["pruned"]
         compensated.update(res.get("compensated_tensors", []))
+        if "latency" in res:
+            latency_info = res["latency"]
         after_tr = trace(to_graph(current_model), opset_of(current_model))
         current = model_costs(after_tr)
         rounds.append({"budget_ratio": budget.ratio, "macs": current["macs"], "params": current["params"],
@@ -385,6 +467,8 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
             report[key] = final[key]
     if compensated:
         report["compensated_tensors"] = sorted(compensated)
+    if latency_info is not None:
+        report["latency"] = latency_info
     if config.steps > 1:
         report["rounds"] = rounds
     if config.verify:

@@ -24,7 +24,7 @@ class Budget:
     best_effort: bool = False  # prune as far as possible instead of failing when unreachable
 
     def __post_init__(self) -> None:
-        if self.kind not in ("flops", "params", "channels", "lossless"):
+        if self.kind not in ("flops", "params", "channels", "lossless", "latency"):
             raise UserError(f"unknown budget kind {self.kind!r}")
         if self.kind != "lossless" and not 0.0 < self.ratio <= 1.0:
             raise UserError(f"budget ratio must be in (0, 1], got {self.ratio}")
@@ -59,8 +59,15 @@ def _blocks(order: np.ndarray, n: int, step: int, max_remove: int) -> list[np.nd
     return out
 
 
-def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget) -> Plan:
+def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, latency_table=None) -> Plan:
+    """latency_table (graphprune.latency.LatencyTable) is required for budget kind "latency": the
+    ratio then applies to the sum of the measured per-layer latencies."""
     cm = CostModel(trace)
+    if budget.kind == "latency":
+        if latency_table is None:
+            raise ValueError("a latency budget needs a latency table")
+        if not cm.add_latency(latency_table):
+            raise UserError("--keep-latency: no layer with known shapes to time (shape inference failed?)")
     before = dict(cm.totals)
     removed: dict[int, list[int]] = {}
     queues: dict[int, list[np.ndarray]] = {}
@@ -94,13 +101,13 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget) -> Pl
                     break
         met = True
     else:
-        kind = "macs" if budget.kind == "flops" else "params"
+        kind = {"flops": "macs", "params": "params", "latency": "latency"}[budget.kind]
         target = budget.ratio * before[kind]
         met = _greedy(trace, scores, queues, cm, kind, target, take)
     plan = Plan({g: np.array(sorted(v), dtype=np.int64) for g, v in removed.items() if v},
                 before, dict(cm.totals), met)
     if not met:
-        kind = "macs" if budget.kind == "flops" else "params"
+        kind = {"flops": "macs", "params": "params", "latency": "latency"}[budget.kind]
         frozen = _frozen_share(trace, cm, kind)
         msg = (f"budget --keep-{budget.kind} {budget.ratio:g} cannot be met: the best reachable is "
                f"{cm.totals[kind] / before[kind]:.3f} ({frozen:.0%} of {kind} sit in frozen groups or fixed "
@@ -142,9 +149,8 @@ def _frozen_share(trace: Trace, cm: CostModel, kind: str) -> float:
     for g in trace.groups:
         if g.prunable:
             prunable_roots.update(g.units.tolist())
-    terms = cm.macs_terms if kind == "macs" else cm.params_terms
     fixed = 0.0
-    for t in terms:
+    for t in cm._terms(kind):
         if not any(set(cm.arrays[a].tolist()) & prunable_roots for a in t.arrays):
-            fixed += t.coef * np.prod([len(cm.arrays[a]) for a in t.arrays])
+            fixed += t.value([len(cm.arrays[a]) for a in t.arrays])
     return fixed / max(cm.full[kind], 1.0)

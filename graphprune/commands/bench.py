@@ -1,0 +1,94 @@
+"""`graphprune bench`: onnxruntime latency of one or more models, interleaved, with speed-ups."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("bench", help="measure onnxruntime latency of one or more models")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX models (the first is the speed-up baseline)")
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="execution provider (falls back to CPU with a warning when unavailable)")
+    p.add_argument("--batch", default="1,8,32", metavar="B[,B...]", help="batch sizes (default 1,8,32)")
+    p.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed runs per model and batch (default 5)")
+    p.add_argument("--runs", type=int, default=30, metavar="N", help="timed runs per model and batch (default 30)")
+    p.add_argument("--min-time", type=float, default=None, metavar="S",
+                   help="keep running past --runs until S seconds were spent per batch size")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    p.add_argument("--io-binding", action="store_true", help="keep inputs/outputs on the GPU (CUDA/TensorRT)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--json", metavar="FILE", help="write the full result as JSON here")
+    p.set_defaults(run=lambda args: run(args, common))
+
+
+def parse_batches(text: str) -> list[int]:
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        raise UserError(f"--batch: expected comma-separated integers like 1,8,32, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"--batch: batch sizes must be >= 1, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def _check_args(args, common) -> list[int]:
+    batches = parse_batches(args.batch)
+    if args.runs < 1:
+        raise UserError(f"--runs must be >= 1, got {args.runs}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    if args.min_time is not None and not args.min_time > 0:
+        raise UserError(f"--min-time must be > 0 seconds, got {args.min_time}")
+    if args.json:  # fail before a long run, not after it
+        out = Path(args.json)
+        if out.is_dir():
+            raise UserError(f"{args.json}: is a directory (--json needs a file path)")
+        if not (out.parent if str(out.parent) else Path(".")).is_dir():
+            raise UserError(f"{out.parent}: folder of --json does not exist")
+        if any(common["same_file"](args.json, m) for m in args.models):
+            raise UserError(f"{args.json}: --json would overwrite an input model")
+    return batches
+
+
+def _names(paths: list[str]) -> list[str]:
+    short = [Path(p).name for p in paths]
+    return short if len(set(short)) == len(short) else list(paths)
+
+
+def run(args, common) -> int:
+    from .. import log
+    from ..bench import benchmark, speedups
+    from ..io import load_model, write_json_atomic
+
+    batches = _check_args(args, common)
+    models = [(name, load_model(path)) for name, path in zip(_names(args.models), args.models)]
+    log.info(f"bench: {len(models)} model(s), batches {','.join(map(str, batches))}, provider {args.provider}")
+    res = benchmark(models, provider=args.provider, batches=batches, warmup=args.warmup, runs=args.runs,
+                    min_time=args.min_time, io_binding=args.io_binding, threads=args.threads, seed=args.seed)
+    for entry, path in zip(res["models"], args.models):
+        entry["source"] = path
+    res["speedups"] = {n: {str(b): s for b, s in per.items()} for n, per in speedups(res).items()}
+    print(f"provider: {', '.join(res['providers'])} (requested {res['requested_provider']}"
+          f"{', I/O binding' if res['io_binding'] else ''}); {res['machine']['cpu_count']} CPUs, "
+          f"onnxruntime {res['machine']['onnxruntime']}")
+    width = max(len("model"), *(len(m["name"]) for m in res["models"]))
+    print(f"{'model':<{width}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'samples/s':>11} {'speed-up':>8}")
+    first = res["models"][0]["name"]
+    for r in sorted(res["results"], key=lambda r: (r["batch"], [m["name"] for m in res["models"]].index(r["model"]))):
+        s = res["speedups"][r["model"]].get(str(r["batch"]))
+        sp = f"{s:.2f}x" if s is not None else "-"
+        print(f"{r['model']:<{width}} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
+              f"{r['throughput']:>11.1f} {sp:>8}")
+    for note in res["notes"]:
+        print(f"note: {note}")
+    if len(res["models"]) > 1:
+        print(f"speed-up: p50 of {first} / p50 of the model, at the same batch size")
+    if args.json:
+        write_json_atomic(res, args.json)
+        print(f"json: {args.json}")
+    return 0
