@@ -116,6 +116,7 @@ def markdown(result: dict) -> str:
              "Time: wall seconds of `prune` (incl. statistics, verification and evaluation) per budget.", "",
              f"Reproduce: `{meta['command']}`  ",
              f"Machine: {meta['machine']}  ",
+             f"graphprune at git HEAD {meta.get('git_head')} (plus uncommitted changes, if any)  ",
              f"Total runtime: {meta['total_s']:.0f} s", ""]
     for model, mres in result["models"].items():
         lines += [f"## {model} (`{mres['path']}`)", "",
@@ -130,7 +131,7 @@ def markdown(result: dict) -> str:
                 method = "/".join(sorted(m or "none" for m in methods)) if methods else "?"
                 comp_label = comp if comp == "off" else f"default ({method})"
                 row = [crit, comp_label] + [_acc_cell(cells.get(b)) for b in budgets]
-                row.append(" / ".join(f"{cells[b]['wall_s']:.1f}" if b in cells else "—" for b in budgets))
+                row.append(" / ".join(f"{cells[b]['wall_s']:.2f}" if b in cells else "—" for b in budgets))
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     bugs = [c for m in result["models"].values() for c in m["cells"] if c["status"] == "exception"]
@@ -168,7 +169,14 @@ def main(argv=None) -> int:
     command = "python benchmarks/criteria_digits.py" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     machine = (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores, "
                f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
-    result = {"meta": {"command": command, "machine": machine, "criteria": criteria, "budgets": budgets,
+    try:
+        import subprocess
+
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except Exception:
+        commit = None
+    result = {"meta": {"command": command, "machine": machine, "git_head": commit, "criteria": criteria, "budgets": budgets,
                        "samples": args.samples, "cpu_count": os.cpu_count(), "torch": torch.__version__,
                        "torch_threads": torch.get_num_threads()}, "models": {}}
     t_all = time.perf_counter()

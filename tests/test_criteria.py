@@ -260,6 +260,19 @@ def test_cli_curvature_prune_and_verify(criterion, extra, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.parametrize("criterion", ["fisher", "woodfisher", "kron-obs"])
+def test_compensation_of_layers_without_bias(criterion, tmp_path):
+    """DenseNet's convs feeding a concat have no bias: compensation must keep them bias-free."""
+    from graphprune.pipeline import PruneConfig, prune
+    from graphprune.planner import Budget
+
+    rep = prune("samples/digits_densenet.onnx", tmp_path / "o.onnx",
+                PruneConfig(criterion=criterion, budget=Budget("flops", 0.5), calib="samples/digits_calib.npz",
+                            samples=64, eval_data="samples/digits_test.npz"))
+    assert rep["verification"]["ok"] and rep["compensation"]
+    assert rep["accuracy"]["after"] > 0.3
+
+
 def test_tampered_compensated_model_fails_verify(tmp_path):
     """The structure check for compensated models still catches a wrong channel layout."""
     import json

@@ -70,7 +70,7 @@ def compensate(ctx, keep_fn, method: str = "obs", damping: float = 1e-3) -> dict
                 S = damped(st.S.to(DTYPE) / max(st.n, 1), damping)
                 Sinv = torch.linalg.inv(S)
                 W = _obs_update(W.T.clone(), Sinv, torch.as_tensor(np.nonzero(~rows_keep)[0])).T
-        w_new, b_new = view.split(W.numpy(), w, has_bias)
+        w_new, b_new = view.split(W.numpy() if has_bias else W[:, :view.cols].numpy(), w, has_bias)
         updates[view.weight] = w_new
         if has_bias:
             updates[view.bias] = b_new.astype(b.dtype).reshape(b.shape)
