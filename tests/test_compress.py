@@ -1,0 +1,104 @@
+"""`graphprune compress`, `--keep-latency` and the HTML report, through the real CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "graphprune.cli", "-q"]
+
+
+def run(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+
+
+def test_compress_factory_with_weights(tmp_path):
+    out, rep = tmp_path / "d.onnx", tmp_path / "r.json"
+    res = run("compress", "samples/digits.py:digits_resnet", "--weights", "samples/digits_resnet.pt",
+              "--input-shape", "1,1,8,8", "--keep-flops", "0.5", "--criterion", "fisher",
+              "--calib", "samples/digits_calib.npz", "--eval", "samples/digits_test.npz",
+              "--bench-batch", "1,4", "--bench-runs", "5", "-o", out, "--report", rep)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(rep.read_text())
+    assert r["totals"]["macs_ratio"] <= 0.5 and r["verification"]["ok"]
+    assert r["accuracy"]["before"] == 1.0 and r["accuracy"]["after"] > 0.8
+    assert [b["batch"] for b in r["bench"]["rows"]] == [1, 4]
+    for b in r["bench"]["rows"]:
+        assert b["dense_p50_ms"] > 0 and b["pruned_p50_ms"] > 0 and b["speedup"] > 0
+    assert r["file_size"]["after"] < r["file_size"]["before"]
+    for word in ("MACs", "params", "file size", "p50 ms, batch 1", "p90 ms, batch 4", "accuracy"):
+        assert word in res.stdout
+    assert out.exists() and not list(tmp_path.glob("tmp*"))
+
+
+def test_compress_sweep_and_html(tmp_path):
+    out, html = tmp_path / "m.onnx", tmp_path / "r.html"
+    res = run("compress", "samples/digits_resnet.onnx", "--sweep", "0.8,0.5", "--eval", "samples/digits_test.npz",
+              "--bench-batch", "2", "--bench-runs", "3", "-o", out, "--report-html", html)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "m-keep0.8.onnx").exists() and (tmp_path / "m-keep0.5.onnx").exists()
+    text = html.read_text()
+    for chart in ("widths", "accuracy-vs-macs", "latency-vs-macs"):
+        assert f'data-chart="{chart}"' in text
+    # self-contained: no scripts, no external resources
+    assert "<script" not in text and 'src="' not in text and 'href="' not in text and "@import" not in text
+
+
+def test_compress_errors_are_one_line(tmp_path):
+    cases = [
+        ["compress", "samples/digits.py:digits_resnet", "-o", tmp_path / "a.onnx"],  # no --input-shape
+        ["compress", "samples/digits_resnet.onnx", "--weights", "samples/digits_resnet.pt", "-o", tmp_path / "b.onnx"],
+        ["compress", "samples/digits_resnet.onnx", "--sweep", "0.5,2", "-o", tmp_path / "c.onnx"],
+        ["compress", "samples/digits_resnet.onnx", "--bench-batch", "0", "-o", tmp_path / "d.onnx"],
+        ["compress", "nonexistent.onnx", "-o", tmp_path / "e.onnx"],
+    ]
+    for args in cases:
+        res = run(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_keep_latency_reports_predicted_and_measured(tmp_path, zoo_model):
+    cache = tmp_path / "lat.json"
+    rep = tmp_path / "r.json"
+    args = ["prune", zoo_model("resnet_basic", "dynamo"), "-o", tmp_path / "o.onnx", "--keep-latency", "0.6",
+            "--latency-batch", "4", "--latency-cache", cache, "--best-effort", "--report", rep]
+    res = run(*args)
+    assert res.returncode == 0, res.stderr
+    lat = json.loads(rep.read_text())["latency"]
+    assert lat["layers_measured"] > 0 and cache.exists()
+    assert 0 < lat["measured_ms"] and 0 < lat["predicted_ms"] < lat["dense_ms"]
+    assert lat["target_ms"] == pytest.approx(0.6 * lat["dense_ms"])
+    assert lat["attempts"] and all(a["layers_ms_predicted"] <= a["layers_ms_before"] for a in lat["attempts"])
+    # the second run reads every layer table from the cache
+    res = run(*args[:-2], "--force", "--report", rep)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(rep.read_text())["latency"]["layers_measured"] == 0
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (.ci/run installs it)")
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    html = tmp_path / "r.html"
+    res = run("compress", "samples/digits_resnet.onnx", "--sweep", "0.9,0.6", "--eval", "samples/digits_test.npz",
+              "--bench-batch", "1", "--bench-runs", "3", "-o", tmp_path / "m.onnx", "--report-html", html)
+    assert res.returncode == 0, res.stderr
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for chart in ("widths", "accuracy-vs-macs", "latency-vs-macs"):
+        assert f'data-chart="{chart}"' in dom.stdout
+    assert dom.stdout.count("<rect") >= 4 and dom.stdout.count('class="point"') >= 3
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=900,1400", html.as_uri()],
+                   capture_output=True, timeout=120)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
