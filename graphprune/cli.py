@@ -38,6 +38,19 @@ def _tolerance(text: str) -> float:
     return v
 
 
+def _size(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        v = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G)") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return int(v)
+
+
 def _same_file(a: str, b: str) -> bool:
     pa, pb = Path(a), Path(b)
     try:
@@ -103,6 +116,8 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     cv.add_argument("--damping", type=float, default=1e-3, help="relative damping of curvature factors (default 1e-3)")
     cv.add_argument("--steps", type=int, default=1, metavar="K", help="reach the budget in K rounds, re-scoring between")
     cv.add_argument("--device", default="cpu", help="torch device for statistics (cpu, cuda)")
+    cv.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                    help="memory allowed for curvature statistics, e.g. 4G (default: 80%% of available RAM)")
     lt = pr.add_argument_group("hardware-aware planning (--keep-latency)")
     lt.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"),
                     help="onnxruntime provider to measure on (default cpu)")
@@ -188,7 +203,8 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
                        seed=args.seed, force=args.force, eval_data=args.eval, calib=args.calib,
                        samples=args.samples, batch_size=args.batch_size, loss=args.loss,
                        compensate=args.compensate, damping=args.damping, device=args.device, steps=args.steps,
-                       provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache)
+                       provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache,
+                       max_memory=args.max_memory)
 
 
 def print_summary(rep: dict, output: str) -> None:

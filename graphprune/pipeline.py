@@ -40,6 +40,7 @@ class PruneConfig:
     damping: float = 1e-3
     device: str = "cpu"
     steps: int = 1
+    max_memory: int | None = None  # bytes for curvature statistics (default: 80% of available RAM)
     # hardware-aware planning (--keep-latency)
     provider: str = "cpu"
     latency_batch: int = 8
@@ -158,10 +159,23 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
     from .curvature.data import load_calib, resolve_loss
     from .curvature.layers import layer_views
 
+    from .curvature.collect import available_bytes, estimate_bytes
+
     t = time.perf_counter()
     data = load_calib(model, config.calib, config.samples, config.seed)
     loss_kind = resolve_loss(config.loss, data, tr.state.cost_shape(tr.graph.outputs[0]))
     ctx.views = layer_views(tr.graph, tr.state)
+    need = estimate_bytes(ctx.views, needs)
+    limit = config.max_memory or int(0.8 * (available_bytes() or 1 << 60))
+    if sum(need.values()) > limit:
+        worst = max((k for k in need if k != "transient"), key=need.get)
+        def gib(n: float) -> str:
+            return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+        raise UserError(f"curvature statistics need about {gib(sum(need.values()))} ({worst}: "
+                        f"{gib(need[worst])}) but the limit is {gib(limit)}; use a "
+                        "lighter criterion (taylor, fisher, kron-obd/kron-obs instead of woodfisher), "
+                        "--no-compensate, or raise --max-memory")
     try:
         tg = TorchGraph(tr.graph, trainable=[n for v in ctx.views.values() for n in (v.weight, v.bias) if n],
                         device=config.device)

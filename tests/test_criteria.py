@@ -370,3 +370,16 @@ def test_eigendamage_channel_is_a_channel_criterion(tmp_path):
                             calib="samples/digits_calib.npz", eval_data="samples/digits_test.npz"))
     assert rep["verification"]["ok"] and rep["compensation"] == "obs"
     assert rep["accuracy"]["after"] > 0.8
+
+
+def test_memory_estimate_refuses_up_front(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "o.onnx"
+    res = subprocess.run([sys.executable, "-m", "graphprune.cli", "-q", "prune", "samples/digits_resnet.onnx", "-o",
+                          str(out), "--keep-flops", "0.5", "--criterion", "woodfisher", "--calib",
+                          "samples/digits_calib.npz", "--max-memory", "10M"], capture_output=True, text=True)
+    assert res.returncode == 2 and not out.exists()
+    line, = res.stderr.strip().splitlines()
+    assert "woodfisher" in line and "--max-memory" in line and "10 MiB" in line

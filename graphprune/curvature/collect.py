@@ -105,6 +105,32 @@ class _Accumulator:
         st.finv -= torch.einsum("oki,okl->oil", U, torch.linalg.solve(K, U))
 
 
+def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8) -> dict[str, int]:
+    """Memory the statistics will hold (bytes), per kind, before anything is computed."""
+    out = {"kfac": 0, "fisher_diag": 0, "woodfisher": 0, "transient": 0}
+    for v in views.values():
+        c = v.cols + 1
+        if "kfac" in needs:
+            out["kfac"] += 4 * (c * c + v.out * v.out)
+        if "fisher_diag" in needs:
+            out["fisher_diag"] += 4 * v.out * c
+        if "woodfisher" in needs:
+            out["woodfisher"] += 8 * v.out * c * c * 3  # the inverse plus two update temporaries
+        if needs & {"fisher_diag", "woodfisher"}:
+            out["transient"] = max(out["transient"], 4 * chunk * v.out * c * 2)
+    return out
+
+
+def available_bytes() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, needs: set[str], *,
             batch_size: int = 32, damping: float = 1e-3, seed: int = 0, on_batch=None,
             device: str = "cpu") -> Stats:
