@@ -40,7 +40,8 @@ MODELS = {
     "mobilenet_v2": "samples/digits_mobilenet_v2.onnx",
     "densenet": "samples/digits_densenet.onnx",
 }
-CRITERIA = ["magnitude", "taylor", "fisher", "kron-obd", "kron-obs", "woodfisher"]
+CRITERIA = ["magnitude", "taylor", "fisher", "kron-obd", "kron-obs", "woodfisher", "eigendamage",
+            "eigendamage-channel"]
 BUDGETS = [0.5, 0.3]
 COMPENSATIONS = ["off", "default"]
 CALIB = "samples/digits_calib.npz"
@@ -48,9 +49,19 @@ TEST = "samples/digits_test.npz"
 QUICK = {"models": ["resnet"], "criteria": ["magnitude", "taylor"], "budgets": [0.5]}
 
 
+def compensations(criterion: str) -> list[str]:
+    if criterion == "eigendamage":
+        return ["default"]  # a layer rewrite in the eigenbasis: nothing to compensate
+    if criterion == "kron-obs":
+        return COMPENSATIONS + ["obs"]  # its own row update vs plain layer-wise OBS
+    return COMPENSATIONS
+
+
 def compensate_arg(criterion: str, comp: str):
     if comp == "off":
         return False
+    if comp == "obs":
+        return "obs"
     return True if criterion == "magnitude" else None
 
 
@@ -125,7 +136,7 @@ def markdown(result: dict) -> str:
                ["time (s) " + " / ".join(f"{int(round(b * 100))}%" for b in budgets)]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for crit in meta["criteria"]:
-            for comp in COMPENSATIONS:
+            for comp in compensations(crit):
                 cells = {c["budget"]: c for c in mres["cells"] if c["criterion"] == crit and c["compensation"] == comp}
                 methods = {c.get("compensation_method") for c in cells.values() if c["status"] == "ok"}
                 method = "/".join(sorted(m or "none" for m in methods)) if methods else "?"
@@ -190,7 +201,7 @@ def main(argv=None) -> int:
             result["models"][model] = mres
             print(f"== {model}: dense accuracy {mres['dense_accuracy']:.4f}", flush=True)
             for crit in criteria:
-                for comp in COMPENSATIONS:
+                for comp in compensations(crit):
                     for ratio in budgets:
                         c = run_cell(model, path, crit, comp, ratio, args.samples, tmp)
                         mres["cells"].append(c)

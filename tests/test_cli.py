@@ -179,7 +179,7 @@ def _check_report_consistency(report: dict, pruned_path: Path):
 
 def test_prune_report_eval_and_stdout(pruned_sample):
     rep, out = pruned_sample["data"], pruned_sample["out"]
-    assert rep["budget"] == {"kind": "flops", "ratio": 0.5, "cap": 0.9, "round_to": 8}
+    assert rep["budget"] == {"kind": "flops", "ratio": 0.5, "cap": 0.9, "round_to": 8, "steps": 1}
     assert rep["budget_met"] is True and rep["notes"] == []
     assert rep["criterion"] == "magnitude"
     assert rep["totals"]["macs_before"] == 2116224 and rep["totals"]["params_before"] == 77002

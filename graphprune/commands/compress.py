@@ -82,14 +82,22 @@ def run(args, common) -> int:
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.output))) as tmp:
         source = args.source
         if not source.lower().endswith(".onnx"):
+            from converters.load_torch import parse_input_shape, source_kind
+            from converters.torch_to_onnx import ConversionError
+
             from .convert import convert
 
-            if not args.input_shape and not source.endswith(".pt2"):
+            try:
+                kind = source_kind(source)
+                shapes = [parse_input_shape(s) for s in args.input_shape or []]
+            except ConversionError as exc:
+                raise UserError(str(exc)) from None
+            if not shapes and kind != "program":
                 raise UserError("SOURCE is not ONNX: give --input-shape (e.g. --input-shape 1,3,224,224)")
-            shapes = [tuple(int(d) for d in s.split(",")) for s in args.input_shape or []]
+            exporter = args.exporter or ("dynamo" if kind == "program" else "torchscript")
             source = convert(args.source, os.path.join(tmp, "converted.onnx"), input_shapes=shapes or None,
-                             weights=args.weights, exporter=args.exporter, opset=args.opset)
-            print(f"converted {args.source} -> ONNX ({args.exporter or 'torchscript'} exporter)")
+                             weights=args.weights, exporter=exporter, opset=args.opset)
+            print(f"converted {args.source} -> ONNX ({exporter} exporter)")
         elif args.weights or args.input_shape:
             raise UserError("--weights/--input-shape apply only when SOURCE is not an ONNX model")
         reports = []
