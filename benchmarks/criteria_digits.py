@@ -5,7 +5,7 @@
     python benchmarks/criteria_digits.py --models resnet --criteria magnitude taylor --budgets 0.5
 
 Every cell is one-shot ``graphprune.pipeline.prune`` to ``Budget("flops", ratio)`` with calibration
-``samples/digits_calib.npz`` (128 samples) and top-1 accuracy on ``samples/digits_test.npz``.
+``samples/digits_calib.npz`` (256 samples) and top-1 accuracy on ``samples/digits_test.npz``.
 Compensation "off" is ``compensate=False``; "default" is ``compensate=None`` (the criterion's own
 default), except for magnitude where it is ``compensate=True`` (layer-wise OBS).
 A ``UserError`` (e.g. budget unreachable) is recorded as a failed cell; any other exception is a
@@ -54,6 +54,8 @@ def compensations(criterion: str) -> list[str]:
         return ["default"]  # a layer rewrite in the eigenbasis: nothing to compensate
     if criterion == "kron-obs":
         return COMPENSATIONS + ["obs"]  # its own row update vs plain layer-wise OBS
+    if criterion == "woodfisher":
+        return COMPENSATIONS + ["default-damping0.1"]  # stronger dampening of the Fisher inverse
     return COMPENSATIONS
 
 
@@ -62,6 +64,8 @@ def compensate_arg(criterion: str, comp: str):
         return False
     if comp == "obs":
         return "obs"
+    if comp.startswith("default-damping"):
+        return None
     return True if criterion == "magnitude" else None
 
 
@@ -71,7 +75,8 @@ def run_cell(model: str, path: str, criterion: str, comp: str, ratio: float, sam
     out = os.path.join(tmp, f"{model}_{criterion}_{comp}_{ratio}.onnx")
     config = PruneConfig(criterion=criterion, budget=Budget("flops", ratio), calib=os.path.join(ROOT, CALIB),
                          samples=samples, eval_data=os.path.join(ROOT, TEST), force=True,
-                         compensate=cell["compensate_arg"])
+                         compensate=cell["compensate_arg"],
+                         damping=float(comp.removeprefix("default-damping")) if comp.startswith("default-damping") else 1e-3)
     t0 = time.perf_counter()
     try:
         report = prune(os.path.join(ROOT, path), out, config)
@@ -167,7 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
     ap.add_argument("--criteria", nargs="+", choices=CRITERIA, default=None)
     ap.add_argument("--budgets", nargs="+", type=float, default=None)
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="smoke subset: resnet, magnitude + taylor, 50%% MACs")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/criteria_digits[_quick])")
     args = ap.parse_args(argv)

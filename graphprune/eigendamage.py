@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from .criteria.base import ScoringContext
-from .criteria.curvature import DTYPE, _LayerwiseCriterion, damped
+from .criteria.curvature import DTYPE, _LayerwiseCriterion, damped, unit_sums
 from .errors import UserError
 
 
@@ -235,20 +235,12 @@ class EigenDamageChannel(_LayerwiseCriterion):
 
     def rows(self, ctx, view, W, unit, n):
         k = self._get(ctx, view)
-        per = torch.as_tensor((k.QS ** 2) @ k.row_imp, dtype=DTYPE)
-        sel = unit >= 0
-        out = torch.zeros(n, dtype=DTYPE)
-        out.index_add_(0, torch.as_tensor(unit[sel]), per[torch.as_tensor(np.nonzero(sel)[0])])
-        return out
+        return unit_sums(torch.as_tensor((k.QS ** 2) @ k.row_imp), unit, n)
 
     def cols(self, ctx, view, W, unit, n):
         k = self._get(ctx, view)
         per_channel = (k.QA ** 2) @ k.col_imp  # (C,)
-        per = torch.as_tensor(np.repeat(per_channel, view.taps) / view.taps, dtype=DTYPE)
-        sel = unit >= 0
-        out = torch.zeros(n, dtype=DTYPE)
-        out.index_add_(0, torch.as_tensor(unit[sel]), per[torch.as_tensor(np.nonzero(sel)[0])])
-        return out
+        return unit_sums(torch.as_tensor(np.repeat(per_channel, view.taps) / view.taps), unit, n)
 
 
 def check_supported(budget) -> None:

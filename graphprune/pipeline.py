@@ -14,7 +14,7 @@ from .cost import model_costs
 from .criteria import ScoringContext, make_criterion
 from .criteria.curvature import CURVATURE
 from .errors import UserError, VerificationError
-from .io import check_output, load_model, opset_of, save_model, write_json_atomic
+from .io import check_output, infer_shapes, load_model, opset_of, save_model, write_json_atomic
 from .planner import Budget, make_plan
 from .rewriter import apply_plan, expanded_pruned, masked_original, sliced_mismatches
 from .runtime import run, session
@@ -31,6 +31,7 @@ class PruneConfig:
     seed: int = 0
     force: bool = False
     eval_data: str | None = None
+    external_data: bool = False  # write OUT.data beside OUT (automatic for models over 2 GB)
     # curvature criteria and compensation
     calib: str | None = None  # .npz, one array per input (+ optional labels)
     samples: int = 128
@@ -49,7 +50,7 @@ class PruneConfig:
 
 
 def load_and_trace(path: str | os.PathLike) -> tuple[onnx.ModelProto, Trace]:
-    model = load_model(path)
+    model = load_model(path, allow_quantized=False)
     return model, trace(to_graph(model), opset_of(model))
 
 
@@ -220,7 +221,7 @@ def _apply(model, tr: Trace, ctx, scores, criterion, method, meta: dict, config:
             compensated.append(name)
         timings[tag + "compensate"] = time.perf_counter() - t
     t = time.perf_counter()
-    pruned = onnx.shape_inference.infer_shapes(apply_plan(tr, removed_roots, model))
+    pruned = infer_shapes(apply_plan(tr, removed_roots, model))
     try:
         check_output(pruned)
     except Exception as exc:  # a bug, never the user's fault: keep the traceback
@@ -330,7 +331,7 @@ def _finish(report: dict, model, pruned, path, out, config: "PruneConfig", repor
         report["accuracy"] = {"before": evaluate(model, config.eval_data), "after": evaluate(pruned, config.eval_data)}
         timings["evaluate"] = time.perf_counter() - t
     report["timings"] = {k: round(v, 4) for k, v in timings.items()}
-    save_model(pruned, out, src=path, force=config.force)
+    save_model(pruned, out, src=path, force=config.force, external_data=config.external_data or None)
     if report_path is not None:
         try:
             write_json_atomic(report, report_path)
@@ -369,7 +370,7 @@ def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timin
     reference = _export(ref_graph, model)
     new_graph = tr.graph.copy()
     layers = ed.rewrite(new_graph, ctx, kfes, ranks)
-    pruned = onnx.shape_inference.infer_shapes(_export(new_graph, model))
+    pruned = infer_shapes(_export(new_graph, model))
     check_output(pruned)
     if signature(pruned) != signature(model):
         raise RuntimeError("internal error: eigendamage changed the input/output signature")
@@ -438,8 +439,6 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         tag = f"round{k}_" if config.steps > 1 else ""
         if config.steps > 1:
             log.info(f"round {k}/{config.steps}: keep {budget.ratio:.3f} of the current {budget.kind}")
-        if k > 1:
-            tr = trace(to_graph(current_model), opset_of(current_model))
         res = _prune_round(current_model, tr, config, budget, timings, tag)
         for g in tr.groups:
             rem = res["plan"].removed.get(g.id)
@@ -449,8 +448,8 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         compensated.update(res.get("compensated_tensors", []))
         if "latency" in res:
             latency_info = res["latency"]
-        after_tr = trace(to_graph(current_model), opset_of(current_model))
-        current = model_costs(after_tr)
+        tr = trace(to_graph(current_model), opset_of(current_model))  # costs now, next round's trace
+        current = model_costs(tr)
         rounds.append({"budget_ratio": budget.ratio, "macs": current["macs"], "params": current["params"],
                        "verification": res["verification"], "budget_met": res["plan"].budget_met})
     final = res

@@ -25,6 +25,14 @@ def _onehot(unit: np.ndarray, n: int) -> tuple[np.ndarray, torch.Tensor]:
     return sel, U
 
 
+def unit_sums(per_index: torch.Tensor, unit: np.ndarray, n: int) -> torch.Tensor:
+    """Σ of per-index values over the indices of each unit u < n (indices with unit -1 are skipped)."""
+    sel = np.nonzero(unit >= 0)[0]
+    out = torch.zeros(n, dtype=DTYPE)
+    out.index_add_(0, torch.as_tensor(unit[sel]), per_index.to(DTYPE)[torch.as_tensor(sel)])
+    return out
+
+
 def block_sums(P: torch.Tensor, unit: np.ndarray, n: int) -> torch.Tensor:
     """Σ_{i,j in unit u} P_ij for every unit u < n."""
     sel, U = _onehot(unit, n)
@@ -136,9 +144,7 @@ class Taylor(_LayerwiseCriterion):
                         continue
                     wg = (p.detach() * p.grad).to(DTYPE).cpu().numpy()
                     grads[view.node] = _t(view.canonical(wg))
-                per_col = grads[view.node].sum(0)
-                sel = cols >= 0
-                gate.index_add_(0, torch.as_tensor(cols[sel]), per_col[torch.as_tensor(np.nonzero(sel)[0])])
+                gate += unit_sums(grads[view.node].sum(0), cols, g.size)
             self._sum[g.id] = self._sum.get(g.id, 0) + (gate ** 2).numpy()
 
     def score(self, ctx: ScoringContext) -> dict[int, np.ndarray]:
@@ -157,17 +163,10 @@ class FisherOBD(_LayerwiseCriterion):
         return 0.5 * st.fisher.to(DTYPE) / max(st.n, 1) * W ** 2
 
     def rows(self, ctx, view, W, unit, n):
-        sel = unit >= 0
-        out = torch.zeros(n, dtype=DTYPE)
-        out.index_add_(0, torch.as_tensor(unit[sel]), self._terms(ctx, view, W).sum(1)[torch.as_tensor(np.nonzero(sel)[0])])
-        return out
+        return unit_sums(self._terms(ctx, view, W).sum(1), unit, n)
 
     def cols(self, ctx, view, W, unit, n):
-        per_col = self._terms(ctx, view, W)[:, :-1].sum(0)
-        sel = unit >= 0
-        out = torch.zeros(n, dtype=DTYPE)
-        out.index_add_(0, torch.as_tensor(unit[sel]), per_col[torch.as_tensor(np.nonzero(sel)[0])])
-        return out
+        return unit_sums(self._terms(ctx, view, W)[:, :-1].sum(0), unit, n)
 
 
 class KronOBD(_LayerwiseCriterion):
@@ -216,10 +215,7 @@ class WoodFisher(_LayerwiseCriterion):
     def rows(self, ctx, view, W, unit, n):
         finv = self._finv(ctx, view)
         rho = 0.5 * (W * torch.linalg.solve(finv, W.unsqueeze(-1)).squeeze(-1)).sum(1)
-        sel = unit >= 0
-        out = torch.zeros(n, dtype=DTYPE)
-        out.index_add_(0, torch.as_tensor(unit[sel]), rho[torch.as_tensor(np.nonzero(sel)[0])])
-        return out
+        return unit_sums(rho, unit, n)
 
     def cols(self, ctx, view, W, unit, n):
         finv = self._finv(ctx, view)

@@ -15,6 +15,7 @@ class Magnitude(Criterion):
         if p not in (1, 2):
             raise ValueError("p must be 1 or 2")
         self.p = p
+        self.name = "magnitude" if p == 2 else "magnitude-l1"
 
     def _norms(self, rows: np.ndarray) -> np.ndarray:
         return np.abs(rows).sum(axis=1) if self.p == 1 else np.sqrt((rows ** 2).sum(axis=1))

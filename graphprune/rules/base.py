@@ -150,13 +150,8 @@ class TraceState:
 
     def shape(self, tensor) -> list | None:
         """Static shape with ints for known dims and None for symbolic ones; None if the rank is unknown."""
-        c = self.const(tensor)
-        if c is not None:
-            return list(c.shape)
-        shp = getattr(tensor, "shape", None)
-        if shp is None:
-            return None
-        return [d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shp]
+        shp = self.sym_shape(tensor)
+        return None if shp is None else [d if isinstance(d, int) else None for d in shp]
 
     def cost_shape(self, tensor) -> list | None:
         """Shape at batch 1 for cost counting: inferred with every dynamic input dim set to 1."""
