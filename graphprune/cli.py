@@ -101,6 +101,8 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     pr.add_argument("--rtol", type=_tolerance, default=1e-4, help="parity tolerance (max relative error)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    pr.add_argument("--external-data", action="store_true",
+                    help="write the weights to OUTPUT.data beside OUTPUT (automatic above 2 GB)")
     cv = pr.add_argument_group("curvature criteria and weight compensation")
     cv.add_argument("--calib", metavar="FILE.npz",
                     help="calibration inputs: one array per graph input (or one unnamed array), optional 'labels'")
@@ -201,6 +203,7 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
             raise UserError("--device cuda: no CUDA device is available to PyTorch")
     return PruneConfig(criterion=args.criterion, budget=budget, verify=not args.no_verify, rtol=args.rtol,
                        seed=args.seed, force=args.force, eval_data=args.eval, calib=args.calib,
+                       external_data=getattr(args, "external_data", False),
                        samples=args.samples, batch_size=args.batch_size, loss=args.loss,
                        compensate=args.compensate, damping=args.damping, device=args.device, steps=args.steps,
                        provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache,

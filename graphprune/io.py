@@ -15,6 +15,25 @@ from . import log
 MIN_OPSET = 11
 MAX_OPSET = onnx.defs.onnx_opset_version()
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+#: protobuf cannot serialize a message of 2 GiB or more; above this size a model is handled with
+#: its weights outside the proto (external data files, weight-free skeletons for shape inference)
+LARGE_MODEL_BYTES = 2**31 - 2**26
+#: tensors at least this large go to the external data file when a model is written with external data
+EXTERNAL_MIN_BYTES = 1024
+#: offsets of external tensors are aligned to this (lets onnxruntime map the file instead of copying)
+_ALIGN = 65536
+_SKELETON_LOCATION = "__graphprune_weights_not_loaded__"
+
+#: ops of quantized graphs: graphprune prunes float graphs only
+_QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                        "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "DynamicQuantizeLSTM",
+                        "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized", "QOrderedMatMul", "QOrderedGelu"})
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_INT_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                        onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64,
+                        onnx.TensorProto.UINT64,
+                        *(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "INT2", "UINT2")
+                          if hasattr(onnx.TensorProto, n))})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -50,8 +69,13 @@ def _all_tensors(model: onnx.ModelProto):
     yield from onnx.external_data_helper._get_all_tensors(model)
 
 
-def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, check: bool = True) -> onnx.ModelProto:
-    """Load and validate an ONNX model; raises UserError with a one-line message on bad input."""
+def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, check: bool = True,
+               allow_quantized: bool = True) -> onnx.ModelProto:
+    """Load and validate an ONNX model; raises UserError with a one-line message on bad input.
+
+    External data is checked (locations inside the model folder, files present and long enough) before
+    anything is read, and the checker then runs on the file (it never sees the weights, so models over
+    2 GB work). ``allow_quantized=False`` refuses quantized graphs (prune/inspect)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such file")
@@ -66,12 +90,21 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, check: boo
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise UserError(f"{p}: parsed, but holds no ONNX graph (is it really an .onnx model?)")
     if _check_external_data(model, p.parent):
+        validate_model(model, str(p), check=check, path=p)
+        if not allow_quantized:
+            refuse_quantized(model, str(p))
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:
             raise UserError(f"{p}: cannot read external data ({_first_line(exc)})") from None
-    validate_model(model, str(p), check=check)
+    else:
+        validate_model(model, str(p), check=check)
+        if not allow_quantized:
+            refuse_quantized(model, str(p))
+    _check_tensor_sizes(model, str(p))
+    _check_graph_names(model, str(p))
     lift_constant_nodes(model)
+    _check_conv_groups(model, str(p))
     if infer_shapes:
         model = infer(model)
     return model
@@ -84,21 +117,268 @@ def opset_of(model: onnx.ModelProto) -> int:
     return 0
 
 
-def validate_model(model: onnx.ModelProto, name: str, *, check: bool = True) -> None:
+def validate_model(model: onnx.ModelProto, name: str, *, check: bool = True,
+                   path: str | os.PathLike | None = None) -> None:
+    """Opset range and onnx.checker; with ``path`` the checker reads the file (external data stays on disk)."""
     opset = opset_of(model)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"{name}: opset {opset} is not supported (graphprune supports {MIN_OPSET}..{MAX_OPSET})")
     if check:
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(str(path) if path is not None else model)
         except Exception as exc:
             raise UserError(f"{name}: fails onnx.checker ({_first_line(exc)})") from None
+        try:  # strict shape inference: what the pruned model must pass too (a conflict is the input's)
+            onnx.checker.check_model(str(path) if path is not None else model, full_check=True)
+        except Exception as exc:
+            raise UserError(f"{name}: fails onnx shape inference ({_first_line(exc)})") from None
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_nodes(g)
+
+
+def quantization_findings(model: onnx.ModelProto) -> list[str]:
+    """What makes a model quantized: quantization ops, integer weights of Conv/Gemm/MatMul (directly or
+    through a Cast). Empty for float models."""
+    counts: dict[str, int] = {}
+    for node in _all_nodes(model.graph):
+        if node.op_type in _QUANT_OPS or node.op_type.startswith("QLinear"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    found = [f"{op} x{n}" if n > 1 else op for op, n in sorted(counts.items())]
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    cast_of = {n.output[0]: n.input[0] for n in model.graph.node
+               if n.op_type == "Cast" and len(n.input) == 1 and len(n.output) == 1}
+    int_weights = []
+    for node in model.graph.node:
+        if node.op_type not in _WEIGHT_OPS or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        for name in node.input[1:2]:
+            src = cast_of.get(name, name)
+            if inits.get(src) in _INT_TYPES:
+                int_weights.append(f"{node.op_type} {node.name or node.output[0]!r}")
+    if int_weights:
+        more = f" and {len(int_weights) - 2} more" if len(int_weights) > 2 else ""
+        found.append(f"integer weights feeding {', '.join(int_weights[:2])}{more}")
+    return found
+
+
+def refuse_quantized(model: onnx.ModelProto, name: str) -> None:
+    found = quantization_findings(model)
+    if found:
+        raise UserError(f"{name}: quantized model ({'; '.join(found)}); graphprune prunes float models only: "
+                        "prune the float model, then quantize it")
+
+
+_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+_PACKED = frozenset(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1",
+                                                             "FLOAT6E2M3", "FLOAT6E3M2") if hasattr(onnx.TensorProto, n))
+
+
+_FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+           onnx.TensorProto.FLOAT16: np.float16}
+
+
+def _check_finite(values: np.ndarray, tensor: str, is_weight: bool, name: str) -> None:
+    """NaN in a constant, or Inf in a layer's weights, makes scores and the masked-original check meaningless
+    (0 x NaN is NaN): refuse. Inf elsewhere (attention masks, clip bounds) is legitimate."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    if np.isnan(values).any():
+        raise UserError(f"{name}: tensor {tensor!r} contains NaN values")
+    if is_weight:
+        raise UserError(f"{name}: layer weight {tensor!r} contains infinite values")
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, name: str) -> None:
+    """Every constant holds as many values as its dims say (the checker does not look); no NaN."""
+    weights = {i for n in model.graph.node if n.op_type in _WEIGHT_OPS for i in n.input[1:]}
+    for t in _all_tensors(model):
+        if any(d < 0 for d in t.dims):
+            raise UserError(f"{name}: tensor {t.name!r} has a negative dimension {list(t.dims)}")
+        count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        if t.data_type in _PACKED or t.data_type == onnx.TensorProto.STRING:
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:
+            raise UserError(f"{name}: tensor {t.name!r} has an unknown data type {t.data_type}") from None
+        if t.HasField("raw_data"):
+            raw = t.raw_data
+            have = len(raw)
+            if have != count * itemsize:
+                raise UserError(f"{name}: tensor {t.name!r} holds {have} bytes of data, its shape {list(t.dims)} "
+                                f"needs {count * itemsize}")
+            if t.data_type in _FLOATS:
+                _check_finite(np.frombuffer(raw, dtype=_FLOATS[t.data_type]), t.name, t.name in weights, name)
+            del raw
+            continue
+        if t.data_type in _FLOATS and t.data_location != onnx.TensorProto.EXTERNAL:
+            try:
+                values = numpy_helper.to_array(t)
+            except Exception:
+                raise UserError(f"{name}: tensor {t.name!r} cannot be decoded") from None
+            _check_finite(values, t.name, t.name in weights, name)
+        have = sum(len(getattr(t, f)) for f in _FIELDS)
+        per = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+        if t.data_location != onnx.TensorProto.EXTERNAL and have != count * per:
+            raise UserError(f"{name}: tensor {t.name!r} holds {have} values, its shape {list(t.dims)} "
+                            f"needs {count * per}")
+
+
+def _check_conv_groups(model: onnx.ModelProto, name: str) -> None:
+    """Conv/ConvTranspose `group` must divide the weight's channel axis (onnx.checker does not look;
+    onnxruntime would fail later, inside the pipeline)."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose") or node.domain not in _DEFAULT_DOMAINS or len(node.input) < 2:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        w = dims.get(node.input[1])
+        if group < 1 or (w is not None and (len(w) < 3 or w[0] % group)):
+            raise UserError(f"{name}: {node.op_type} {node.name!r} has group={group}, which does not fit its "
+                            f"weight of shape {w}")
+
+
+def _check_graph_names(model: onnx.ModelProto, name: str) -> None:
+    """What onnx.checker lets through but would break the trace: a tensor produced twice, an
+    initializer without a name."""
+    produced = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    if any(not t.name for t in model.graph.initializer):
+        raise UserError(f"{name}: an initializer has no name")
+    g = model.graph
+    texts = [g.name, *(n for v in [*g.input, *g.output, *g.value_info, *g.initializer] for n in (v.name,))]
+    for node in _all_nodes(g):
+        texts += [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
+    bad = next((t for t in texts if not isinstance(t, str)), None)  # protobuf hands back bytes for bad UTF-8
+    if bad is not None:
+        raise UserError(f"{name}: name {bytes(bad)[:60]!r} is not valid UTF-8 text")
+    for node in _all_nodes(model.graph):
+        for a in node.attribute:
+            try:
+                if a.type == onnx.AttributeProto.STRING:
+                    a.s.decode("utf-8")
+                elif a.type == onnx.AttributeProto.STRINGS:
+                    [v.decode("utf-8") for v in a.strings]
+            except UnicodeDecodeError:
+                raise UserError(f"{name}: attribute {a.name!r} of node {node.name!r} is not valid UTF-8 text") from None
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out in produced:
+                raise UserError(f"{name}: tensor {out!r} is produced more than once")
+            produced.add(out)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size estimate that works above 2 GB (summed per initializer and node)."""
+    g = model.graph
+    return (sum(_initializer_bytes(t) for t in g.initializer) + sum(n.ByteSize() for n in g.node)
+            + sum(v.ByteSize() for v in [*g.input, *g.output, *g.value_info]))
+
+
+def _initializer_bytes(t: onnx.TensorProto) -> int:
+    """Size of an initializer in the proto, from its dims where possible (ByteSize encodes: slow)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 64 + len(t.name)
+    if t.HasField("raw_data") and t.data_type not in _PACKED and t.data_type != onnx.TensorProto.STRING:
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            return int(np.prod(t.dims, dtype=np.int64)) * itemsize + 64 + len(t.name)
+        except Exception:
+            pass
+    return t.ByteSize()
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    return model_bytes(model) > LARGE_MODEL_BYTES
+
+
+def _copy_fields(src, dst, skip=()) -> None:
+    """Copy the set fields of one protobuf message into another, except those named in ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if getattr(fd, "is_repeated", None) if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def externalized(model: onnx.ModelProto, location: str = _SKELETON_LOCATION, write=None,
+                 threshold: int = EXTERNAL_MIN_BYTES) -> onnx.ModelProto:
+    """A new ModelProto in which every main-graph initializer holding ``threshold`` bytes or more of
+    raw data refers to external data at ``location`` instead. ``write(data) -> offset`` stores each
+    tensor's bytes (one tensor at a time: memory stays bounded); with ``write=None`` nothing is
+    stored and the result is a weight-free skeleton, enough for shape inference. ``model`` is not changed."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    _copy_fields(model.graph, out.graph, skip=("initializer",))
+    for t in model.graph.initializer:
+        if not t.HasField("raw_data") or t.ByteSize() < threshold:
+            out.graph.initializer.add().CopyFrom(t)
+            continue
+        nt = out.graph.initializer.add()
+        _copy_fields(t, nt, skip=("raw_data", "external_data", "data_location"))
+        nt.data_location = onnx.TensorProto.EXTERNAL
+        entries = [("location", location)]
+        if write is not None:
+            data = t.raw_data
+            entries += [("offset", str(write(data))), ("length", str(len(data)))]
+            del data
+        for key, value in entries:
+            e = nt.external_data.add()
+            e.key, e.value = key, value
+    return out
+
+
+def write_model_files(model: onnx.ModelProto, model_path: str | os.PathLike, data_path: str | os.PathLike,
+                      location: str) -> None:
+    """Write ``model`` to ``model_path`` with its large initializers streamed into ``data_path``,
+    referenced from the model as ``location`` (a name relative to the model's folder)."""
+    with open(data_path, "wb") as fh:
+        def write(data: bytes) -> int:
+            pos = fh.tell()
+            if pos % _ALIGN:
+                fh.write(b"\0" * (_ALIGN - pos % _ALIGN))
+                pos = fh.tell()
+            fh.write(data)
+            return pos
+
+        skeleton = externalized(model, location, write)
+    with open(model_path, "wb") as fh:
+        fh.write(skeleton.SerializeToString())
+
+
+def _graft_shapes(model: onnx.ModelProto, inferred: onnx.ModelProto) -> onnx.ModelProto:
+    model.graph.ClearField("value_info")
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for dst, src in zip(model.graph.output, inferred.graph.output):
+        dst.CopyFrom(src)
+    return model
+
+
+def infer_shapes(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto:
+    """onnx.shape_inference.infer_shapes, also for models over 2 GB (inferred on a weight-free
+    skeleton, the shapes are copied into ``model``, which is then returned). Errors propagate."""
+    if not is_large(model):
+        return onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
+    return _graft_shapes(model, onnx.shape_inference.infer_shapes(externalized(model), data_prop=data_prop))
 
 
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """Best-effort shape inference (data propagation on); the model is returned unchanged on failure."""
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return infer_shapes(model, data_prop=True)
     except Exception as exc:
         log.warn(f"shape inference failed ({_first_line(exc)}); rules needing shapes will freeze")
         return model
@@ -160,8 +440,31 @@ def _constant_value(attr: onnx.AttributeProto):
 
 
 def check_output(model: onnx.ModelProto) -> None:
-    """Full checker (strict shape inference) on a model graphprune produced; failure is a bug."""
-    onnx.checker.check_model(model, full_check=True)
+    """Full checker (strict shape inference) on a model graphprune produced; failure is a bug.
+    Models over 2 GB are checked from a temporary copy written with external data."""
+    if not is_large(model):
+        onnx.checker.check_model(model, full_check=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="graphprune-check-") as d:
+        path = os.path.join(d, "model.onnx")
+        write_model_files(model, path, path + ".data", "model.onnx.data")
+        onnx.checker.check_model(path, full_check=True)
+
+
+def external_files(path: str | os.PathLike) -> set[Path]:
+    """Resolved paths of the external data files a model file refers to (none read)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return set()
+    base = Path(path).parent
+    out = set()
+    for t in _all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc:
+                out.add((base / loc).resolve())
+    return out
 
 
 def _default_mode(fd: int) -> None:
@@ -175,8 +478,12 @@ def _default_mode(fd: int) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, src: str | os.PathLike | None = None,
-               force: bool = False) -> None:
-    """Write atomically: temp file in the target folder, then rename."""
+               force: bool = False, external_data: bool | None = None) -> None:
+    """Write atomically: temp file in the target folder, then rename.
+
+    With external data (``external_data=True``, or automatically for models over 2 GB) the weights go
+    to ``OUT.data`` beside ``OUT``: both are written under temporary names and renamed only when both
+    are complete; on any failure (Ctrl-C included) neither temporary file remains."""
     out = Path(path)
     if src is not None and out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
         raise UserError(f"{out}: refusing to overwrite the input model")
@@ -187,6 +494,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, src: str | os
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"{folder}: output folder does not exist")
+    if external_data is None:
+        external_data = is_large(model)
+    if external_data:
+        _save_external(model, out, folder, src=src, force=force)
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     try:
         _default_mode(fd)
@@ -196,6 +508,33 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, src: str | os
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+def _save_external(model: onnx.ModelProto, out: Path, folder: Path, *, src=None, force: bool = False) -> None:
+    data = out.with_name(out.name + ".data")
+    if data.is_dir():
+        raise UserError(f"{data}: is a directory (the external data file of {out.name})")
+    if src is not None and data.resolve() in external_files(src) | {Path(src).resolve()}:
+        raise UserError(f"{data}: is a file of the input model; choose another output name")
+    if data.exists() and not force:
+        raise UserError(f"{data}: exists (use --force to overwrite)")
+    tmps: list[str] = []
+    try:
+        fd_m, tmp_m = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+        tmps.append(tmp_m)
+        fd_d, tmp_d = tempfile.mkstemp(prefix=f".{data.name}.", suffix=".tmp", dir=folder)
+        tmps.append(tmp_d)
+        for fd in (fd_m, fd_d):
+            _default_mode(fd)
+            os.close(fd)
+        write_model_files(model, tmp_m, tmp_d, data.name)
+        os.replace(tmp_d, data)
+        os.replace(tmp_m, out)
+    except BaseException:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 

@@ -1,6 +1,9 @@
 """onnxruntime sessions and random inputs for a model's signature."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import onnx
 
@@ -13,15 +16,31 @@ _NP = {
 }
 
 
+_ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
 def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",)):
     import onnxruntime as ort
 
+    from .io import is_large, write_model_files
+
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors come back as exceptions (one line); ort would also print them
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        if not is_large(model):
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        # over 2 GB: the proto cannot be serialized in one piece; onnxruntime reads a temporary
+        # copy written with external data (streamed, deleted once the session holds the weights)
+        with tempfile.TemporaryDirectory(prefix="graphprune-ort-") as d:
+            path = os.path.join(d, "model.onnx")
+            write_model_files(model, path, path + ".data", "model.onnx.data")
+            return ort.InferenceSession(path, opts, providers=list(providers))
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        custom = sorted({n.domain for n in model.graph.node if n.domain not in _ORT_DOMAINS})
+        if custom:
+            raise UserError(f"onnxruntime cannot run ops of the custom domain {custom[0]!r} ({msg[:200]}); "
+                            "use --no-verify to prune without the parity check") from None
         if "ValidateOpsetForDomain" in msg or "opset" in msg.lower() and "support" in msg.lower():
             opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), "?")
             raise UserError(f"onnxruntime {ort.__version__} cannot run opset {opset} (verification, accuracy "
@@ -61,4 +80,8 @@ def random_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict
 
 def run(model_or_session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     sess = model_or_session if hasattr(model_or_session, "run") else session(model_or_session)
-    return sess.run(None, feeds)
+    try:
+        return sess.run(None, feeds)
+    except Exception as exc:  # onnxruntime errors (shape mismatches inside the graph, ...) are the model's
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot run the model ({msg[:300]})") from None

@@ -116,6 +116,33 @@ def _implicit_inputs(node) -> set[str]:
     return names
 
 
+def _weightless(g: gs.Graph) -> list:
+    """If the constants of ``g`` (a copy) hold over 2 GB, give the large ones weight-free values (an
+    external-data stub with the same shape and type) so that exporting ``g`` copies no weights and
+    the result can be serialized for shape inference. Returns [(constant, original values)]."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from .io import LARGE_MODEL_BYTES, _SKELETON_LOCATION
+
+    consts = [t for t in g.tensors().values() if isinstance(t, gs.Constant)]
+    if sum(int(getattr(t._values, "nbytes", 0)) for t in consts) <= LARGE_MODEL_BYTES:
+        return []
+    swapped = []
+    for t in consts:
+        if int(getattr(t._values, "nbytes", 0)) < 1 << 20:
+            continue
+        try:
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+        except Exception:  # types numpy does not know: keep the values
+            continue
+        stub = onnx.TensorProto(name=t.name, dims=list(t.shape), data_location=onnx.TensorProto.EXTERNAL,
+                                data_type=dtype)
+        stub.external_data.add(key="location", value=_SKELETON_LOCATION)
+        swapped.append((t, t._values))
+        t._values = LazyValues(stub)
+    return swapped
+
+
 def _static_shapes(graph: gs.Graph, opset: int) -> dict[str, list]:
     """Shapes at batch 1 (what MACs are counted on): shape inference with every dynamic input dim
     set to 1, or, where that leaves a layer's shape unknown, one onnxruntime run at batch 1."""
@@ -123,6 +150,7 @@ def _static_shapes(graph: gs.Graph, opset: int) -> dict[str, list]:
     for t in g.inputs:
         if t.shape is not None:
             t.shape = [d if isinstance(d, int) and d >= 0 else 1 for d in t.shape]
+    heavy = _weightless(g)  # models over 2 GB: infer on a copy without the weights
     try:
         model = gs.export_onnx(g, do_type_check=False)
         del model.opset_import[:]
@@ -140,6 +168,12 @@ def _static_shapes(graph: gs.Graph, opset: int) -> dict[str, list]:
     try:
         from .runtime import random_inputs, session
 
+        if heavy:  # the measurement needs the real weights
+            for t, values in heavy:
+                t._values = values
+            model = gs.export_onnx(g, do_type_check=False)
+            del model.opset_import[:]
+            model.opset_import.append(onnx.helper.make_opsetid("", opset))
         have = {o.name for o in model.graph.output}
         model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted if n not in have)
         sess = session(model)
@@ -186,6 +220,14 @@ def trace(graph: gs.Graph, opset: int) -> Trace:
         info = st.info(out)
         if info is not None:
             st.freeze(info.ids, f"reaches graph output {out.name!r}")
+    # members are sliced constants; one that is computed at run time (e.g. a Conv bias fed by an
+    # activation) cannot be sliced: keep its channels whole
+    tensors = graph.tensors()
+    computed = [m for m in st.members if not isinstance(tensors.get(m.tensor), gs.Constant)]
+    for m in computed:
+        st.freeze(m.ids, f"{m.tensor!r} is computed, not a constant")
+    if computed:
+        st.members[:] = [m for m in st.members if isinstance(tensors.get(m.tensor), gs.Constant)]
     return _build(graph, st, opset)
 
 

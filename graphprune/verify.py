@@ -21,8 +21,15 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, batches=(
         for a, b in zip(run(ref_sess, feeds), run(cand_sess, feeds)):
             if a.shape != b.shape:
                 return {"ok": False, "reason": f"output shape {b.shape} != {a.shape}"}
-            diff = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
-            scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-6)
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            fa, fb = np.isfinite(a64), np.isfinite(b64)
+            # NaN/Inf (e.g. from NaN weights) must sit at the same places with the same value; a NaN
+            # must never make the comparison vacuous (max() ignores NaN)
+            if not np.array_equal(fa, fb) or not np.array_equal(a64[~fa], b64[~fb], equal_nan=True):
+                return {"ok": False, "reason": "non-finite outputs differ", "max_abs_error": float("inf"),
+                        "max_rel_error": float("inf"), "rtol": rtol, "batches": list(batches)}
+            diff = float(np.max(np.abs(a64[fa] - b64[fa]))) if fa.any() else 0.0
+            scale = max(float(np.max(np.abs(a64[fa]))) if fa.any() else 0.0, 1e-6)
             worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / scale)
     return {"ok": bool(worst_rel <= rtol), "max_abs_error": worst_abs, "max_rel_error": worst_rel, "rtol": rtol,
             "batches": list(batches)}
