@@ -71,18 +71,9 @@ def _static_batch_conflict(model: onnx.ModelProto, batch: int) -> str | None:
 
 
 def _session(model: onnx.ModelProto, name: str, providers: list[str], threads: int | None):
-    import onnxruntime as ort
+    from .runtime import session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    except Exception as exc:
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{name}: onnxruntime cannot load the model ({msg[:300]})") from None
+    return session(model, providers, threads=threads, name=name)
 
 
 def _runner(sess, feeds: dict, io_binding: bool):

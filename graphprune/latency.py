@@ -77,11 +77,7 @@ class LatencyTable:
 
     # ------------------------------------------------------------------ measuring
     def _time(self, model: onnx.ModelProto, feeds: dict) -> float:
-        from .runtime import session
-
-        providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
-        sess = session(model, providers[self.provider])
+        sess = self._session(model)
         for _ in range(3):
             sess.run(None, feeds)
         times = []
@@ -92,11 +88,12 @@ class LatencyTable:
         return float(np.median(times)) / 1e6
 
     def _session(self, model: onnx.ModelProto):
+        from .bench import resolve_providers
         from .runtime import session
 
-        providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
-        return session(model, providers[self.provider])
+        if not hasattr(self, "_providers"):
+            self._providers = resolve_providers(self.provider)  # falls back to CPU with a warning
+        return session(model, self._providers)
 
     def measure_pair(self, dense: onnx.ModelProto, pruned: onnx.ModelProto, runs: int = 60) -> tuple[float, float]:
         """Median end-to-end latency (ms) of both models, runs interleaved (alternating order) so

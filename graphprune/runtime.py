@@ -19,13 +19,19 @@ _NP = {
 _ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
 
-def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",)):
+def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), *, threads: int | None = None,
+            name: str | None = None):
+    """An onnxruntime session (all graph optimisations on); failures are one-line UserErrors."""
     import onnxruntime as ort
 
     from .io import is_large, write_model_files
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors come back as exceptions (one line); ort would also print them
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    prefix = f"{name}: " if name else ""
     try:
         if not is_large(model):
             return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
@@ -39,13 +45,13 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",)):
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         custom = sorted({n.domain for n in model.graph.node if n.domain not in _ORT_DOMAINS})
         if custom:
-            raise UserError(f"onnxruntime cannot run ops of the custom domain {custom[0]!r} ({msg[:200]}); "
+            raise UserError(f"{prefix}onnxruntime cannot run ops of the custom domain {custom[0]!r} ({msg[:200]}); "
                             "use --no-verify to prune without the parity check") from None
         if "ValidateOpsetForDomain" in msg or "opset" in msg.lower() and "support" in msg.lower():
             opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), "?")
-            raise UserError(f"onnxruntime {ort.__version__} cannot run opset {opset} (verification, accuracy "
+            raise UserError(f"{prefix}onnxruntime {ort.__version__} cannot run opset {opset} (verification, accuracy "
                             "and latency need it; prune with --no-verify, or convert the model to a lower opset)") from None
-        raise UserError(f"onnxruntime cannot load the model ({msg[:300]})") from None
+        raise UserError(f"{prefix}onnxruntime cannot load the model ({msg[:300]})") from None
 
 
 def input_specs(model: onnx.ModelProto, batch: int = 2) -> list[tuple[str, tuple[int, ...], type]]:
