@@ -145,7 +145,14 @@ def markdown(result: dict) -> str:
                 cells = {c["budget"]: c for c in mres["cells"] if c["criterion"] == crit and c["compensation"] == comp}
                 methods = {c.get("compensation_method") for c in cells.values() if c["status"] == "ok"}
                 method = "/".join(sorted(m or "none" for m in methods)) if methods else "?"
-                comp_label = comp if comp == "off" else f"default ({method})"
+                if comp == "off":
+                    comp_label = comp
+                elif comp == "obs":
+                    comp_label = "obs (forced)"
+                elif comp.startswith("default-damping"):
+                    comp_label = f"default ({method}), --damping {comp.removeprefix('default-damping')}"
+                else:
+                    comp_label = f"default ({method})"
                 row = [crit, comp_label] + [_acc_cell(cells.get(b)) for b in budgets]
                 row.append(" / ".join(f"{cells[b]['wall_s']:.2f}" if b in cells else "—" for b in budgets))
                 lines.append("| " + " | ".join(row) + " |")

@@ -13,7 +13,7 @@ from .rules import REGISTRY, SOURCE_OPS, Member, Source, TraceState
 
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
 #: ops that typically sit in constant subgraphs computing shapes, pads or split sizes
-_FOLDABLE_HINTS = frozenset({"Shape", "ConstantOfShape", "Gather", "Cast", "Range", "Size", "Expand"})
+_FOLDABLE_HINTS = frozenset({"Shape", "ConstantOfShape", "Gather", "Cast", "Range", "Size", "Expand", "Identity"})
 
 
 @dataclass
@@ -222,12 +222,16 @@ def trace(graph: gs.Graph, opset: int) -> Trace:
             st.freeze(info.ids, f"reaches graph output {out.name!r}")
     # members are sliced constants; one that is computed at run time (e.g. a Conv bias fed by an
     # activation) cannot be sliced: keep its channels whole
-    tensors = graph.tensors()
-    computed = [m for m in st.members if not isinstance(tensors.get(m.tensor), gs.Constant)]
+    nodes = {n.name: n for n in graph.nodes}
+
+    def constant(m) -> bool:
+        return isinstance(nodes[m.node].inputs[m.input_index], gs.Constant)
+
+    computed = [m for m in st.members if not constant(m)]
     for m in computed:
         st.freeze(m.ids, f"{m.tensor!r} is computed, not a constant")
     if computed:
-        st.members[:] = [m for m in st.members if isinstance(tensors.get(m.tensor), gs.Constant)]
+        st.members[:] = [m for m in st.members if constant(m)]
     return _build(graph, st, opset)
 
 

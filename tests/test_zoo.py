@@ -124,3 +124,23 @@ def test_newest_opsets(opset, zoo_model, tmp_path):
     assert pruned.opset_import[0].version == opset
     if runnable:
         assert rep["verification"]["ok"]
+
+
+def test_deduplicated_initializers_behind_identity_prune(tmp_path):
+    """The TorchScript exporter shares identical initializers (e.g. all-zero folded BN biases) through
+    Identity nodes; such a bias must still count as a constant member, not freeze the group."""
+    from onnx import helper, numpy_helper
+
+    from tests.helpers import const, make_model, prune_random
+
+    zero = numpy_helper.from_array(np.zeros(16, np.float32), "shared_bias")
+    nodes = [helper.make_node("Identity", ["shared_bias"], ["b1"]), helper.make_node("Identity", ["shared_bias"], ["b2"]),
+             helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["y"])]
+    m = make_model(nodes, [("x", ["N", 3, 8, 8])], [("y", ["N", 4, 8, 8])],
+                   [zero, const("w1", (16, 3, 3, 3)), const("w2", (16, 16, 3, 3)), const("w3", (4, 16, 1, 1))])
+    tr, pruned, res = prune_random(m)
+    assert sum(g.prunable for g in tr.groups) == 2
