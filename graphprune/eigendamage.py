@@ -78,10 +78,22 @@ def layer_macs(view, k: KFE, r: int, p: int) -> tuple[float, float]:
     return float(orig), float(bneck)
 
 
+def output_layers(ctx: ScoringContext) -> set[str]:
+    """Layers whose output channels reach a graph output (classifier heads): their output space is
+    the model's answer, so its rank is kept whole (the Fisher of a confident head is tiny, which
+    would make cutting it look free)."""
+    out = set()
+    for g in ctx.trace.groups:
+        if any(r.startswith("reaches graph output") for r in g.frozen):
+            out.update(s.node for s in g.sources)
+    return out
+
+
 def plan_ranks(ctx: ScoringContext, kfes: dict[str, KFE], target_macs: float, fixed_macs: float):
     """Greedy global removal of eigen-rows/columns (least ΔL per MAC saved, re-evaluated lazily).
     Returns {node: (kept row indices, kept column indices)} for layers worth rewriting."""
     state = {}
+    heads = output_layers(ctx)
     for name, k in kfes.items():
         view = ctx.views[name]
         state[name] = {"rows": list(np.argsort(k.row_imp)), "cols": list(np.argsort(k.col_imp)),
@@ -98,7 +110,7 @@ def plan_ranks(ctx: ScoringContext, kfes: dict[str, KFE], target_macs: float, fi
         for name, s in state.items():
             k, view = kfes[name], ctx.views[name]
             o, _ = layer_macs(view, k, s["r"], s["p"])
-            if s["r"] > 1:
+            if s["r"] > 1 and name not in heads:
                 i = s["rows"][view.out - s["r"]]
                 _, b0 = layer_macs(view, k, s["r"], s["p"])
                 _, b1 = layer_macs(view, k, s["r"] - 1, s["p"])

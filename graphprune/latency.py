@@ -95,9 +95,10 @@ class LatencyTable:
             self._providers = resolve_providers(self.provider)  # falls back to CPU with a warning
         return session(model, self._providers)
 
-    def measure_pair(self, dense: onnx.ModelProto, pruned: onnx.ModelProto, runs: int = 60) -> tuple[float, float]:
+    def measure_pair(self, dense: onnx.ModelProto, pruned: onnx.ModelProto, runs: int = 60,
+                     min_seconds: float = 2.0) -> tuple[float, float]:
         """Median end-to-end latency (ms) of both models, runs interleaved (alternating order) so
-        drift and background load hit both alike."""
+        drift and background load hit both alike; at least ``runs`` pairs and ``min_seconds``."""
         from .runtime import random_inputs
 
         feeds = random_inputs(dense, batch=self.batch, seed=0)
@@ -108,11 +109,14 @@ class LatencyTable:
             for _ in range(3):
                 s.run(None, feeds)
         times: list[list[int]] = [[], []]
-        for r in range(runs):
+        start = time.perf_counter()
+        r = 0
+        while r < runs or (time.perf_counter() - start < min_seconds and r < 20 * runs):
             for k in ((0, 1) if r % 2 == 0 else (1, 0)):
                 t = time.perf_counter_ns()
                 sessions[k].run(None, feeds)
                 times[k].append(time.perf_counter_ns() - t)
+            r += 1
         return float(np.median(times[0])) / 1e6, float(np.median(times[1])) / 1e6
 
     def _layer_model(self, spec: dict, out_w: int, in_w: int) -> tuple[onnx.ModelProto, dict]:

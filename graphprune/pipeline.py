@@ -12,7 +12,6 @@ import onnx
 from . import __version__, log
 from .cost import model_costs
 from .criteria import ScoringContext, make_criterion
-from .criteria.curvature import CURVATURE
 from .errors import UserError, VerificationError
 from .io import check_output, infer_shapes, load_model, opset_of, save_model, write_json_atomic
 from .planner import Budget, make_plan
@@ -145,7 +144,7 @@ def _compensation_method(criterion, config: "PruneConfig") -> str | None:
         if config.compensate not in METHODS:
             raise UserError(f"unknown compensation {config.compensate!r} (choose from {', '.join(METHODS)})")
         return config.compensate
-    on = config.compensate if config.compensate is not None else criterion.name in CURVATURE
+    on = config.compensate if config.compensate is not None else criterion.curvature
     if not on:
         return None
     return {"kron-obs": "kron-obs", "woodfisher": "woodfisher"}.get(criterion.name, "obs")

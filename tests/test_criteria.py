@@ -383,3 +383,12 @@ def test_memory_estimate_refuses_up_front(tmp_path):
     assert res.returncode == 2 and not out.exists()
     line, = res.stderr.strip().splitlines()
     assert "woodfisher" in line and "--max-memory" in line and "10 MiB" in line
+
+
+def test_eigendamage_channel_ranks_like_brute_force(fitted):
+    """The channel projection of the KFE importance is not a loss value, but it must rank the hidden
+    units like the true loss change of removing them."""
+    est, group_scores, _, _ = _cols("eigendamage-channel", fitted)
+    for s in (est, group_scores):
+        rho = np.corrcoef(np.argsort(np.argsort(s)), np.argsort(np.argsort(fitted["plain"])))[0, 1]
+        assert rho > 0.6, rho

@@ -14,23 +14,18 @@ CRITERIA: dict[str, type[Criterion] | object] = {
 }
 
 
-def _late_registrations() -> None:
-    from ..eigendamage import EigenDamageChannel
-
-    CRITERIA["eigendamage-channel"] = EigenDamageChannel
-    CURVATURE["eigendamage-channel"] = EigenDamageChannel
-
-
-_late_registrations()
-
 
 def make_criterion(name: str) -> Criterion:
     from ..errors import UserError
 
     if name == "eigendamage":
         raise UserError("eigendamage rewrites layers instead of removing channels: run it through prune()")
+    if name == "eigendamage-channel":  # lives with EigenDamage, which imports this package
+        from ..eigendamage import EigenDamageChannel
+
+        return EigenDamageChannel()
     if name not in CRITERIA:
-        raise UserError(f"unknown criterion {name!r} (available: {', '.join(sorted(CRITERIA))})")
+        raise UserError(f"unknown criterion {name!r} (available: {', '.join(sorted([*CRITERIA, 'eigendamage', 'eigendamage-channel']))})")
     return CRITERIA[name]()
 
 

@@ -67,6 +67,8 @@ class Criterion:
     name: ClassVar[str] = ""
     #: what a run must compute for this criterion: "weights", "activations", "gradients", ...
     needs: ClassVar[frozenset[str]] = frozenset({"weights"})
+    #: scores are loss estimates from data (weight compensation is on by default for these)
+    curvature: ClassVar[bool] = False
 
     def score(self, ctx: ScoringContext) -> dict[int, np.ndarray]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -76,6 +76,7 @@ class _LayerwiseCriterion(Criterion):
     """Shared loop: for each prunable group, each layer it touches, add row and column terms."""
 
     damping = 1e-3
+    curvature = True
 
     def weights(self, ctx: ScoringContext, view) -> torch.Tensor:
         tensors = ctx.trace.graph.tensors()
