@@ -343,7 +343,7 @@ def _finish(report: dict, model, pruned, path, out, config: "PruneConfig", repor
 def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timings) -> dict:
     """Layer rewriting in the Kronecker-factored eigenbasis (see graphprune/eigendamage.py)."""
     from . import eigendamage as ed
-    from .rewriter import _export
+    from .rewriter import export_graph
 
     ed.check_supported(config.budget)
     if config.steps != 1:
@@ -366,10 +366,10 @@ def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timin
     ref_tensors = ref_graph.tensors()
     for name, values in ed.projected_weights(ctx, kfes, ranks).items():
         ref_tensors[name].values = values
-    reference = _export(ref_graph, model)
+    reference = export_graph(ref_graph, model)
     new_graph = tr.graph.copy()
     layers = ed.rewrite(new_graph, ctx, kfes, ranks)
-    pruned = infer_shapes(_export(new_graph, model))
+    pruned = infer_shapes(export_graph(new_graph, model))
     check_output(pruned)
     if signature(pruned) != signature(model):
         raise RuntimeError("internal error: eigendamage changed the input/output signature")
@@ -545,7 +545,7 @@ def _verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict,
 
     from . import eigendamage as ed
     from .curvature.layers import layer_views
-    from .rewriter import _export
+    from .rewriter import export_graph
 
     if signature(pruned) != signature(model):
         return {"ok": False, "reason": "input/output signature differs from the original"}
@@ -564,4 +564,4 @@ def _verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict,
         if reason:
             return {"ok": False, "reason": reason}
         tensors[view.weight].values = ed.weights_from_bottleneck(values, entry, view).astype(np.float32)
-    return compare(_export(graph, model), pruned, seed=seed, rtol=rtol)
+    return compare(export_graph(graph, model), pruned, seed=seed, rtol=rtol)

@@ -75,7 +75,7 @@ def member_edits(trace: Trace, keep_fn, roles=None) -> dict[tuple[str, int], Edi
             for k, v in edits.items()}
 
 
-def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = like.ir_version
@@ -110,14 +110,14 @@ def apply_plan(trace: Trace, removed_roots, like: onnx.ModelProto) -> onnx.Model
             shape = list(t.shape)
             shape[info.axis] = int(keep(info.ids).sum())
             t.shape = shape
-    return _export(graph, like)
+    return export_graph(graph, like)
 
 
 def masked_original(trace: Trace, removed_roots, like: onnx.ModelProto) -> onnx.ModelProto:
     """The original model with removed channels zeroed where layers consume them."""
     graph = trace.graph.copy()
     edit_constants(graph, member_edits(trace, trace.kept_fn(removed_roots), roles=("in",)), "zero")
-    return _export(graph, like)
+    return export_graph(graph, like)
 
 
 def clone(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -153,7 +153,7 @@ def expanded_pruned(trace: Trace, removed_roots, pruned: onnx.ModelProto, like: 
             full[np.ix_(*index)] = new
             t.values = full
     edit_constants(graph, member_edits(trace, keep, roles=("in",)), "zero")
-    return _export(graph, like)
+    return export_graph(graph, like)
 
 
 def sliced_mismatches(trace: Trace, removed_roots, pruned: onnx.ModelProto, skip=()) -> list[str]:

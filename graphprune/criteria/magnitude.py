@@ -29,7 +29,7 @@ class Magnitude(Criterion):
             for sl in ctx.slices(g, roles=("out", "in", "param")):
                 n = sl.per_index(self._norms)
                 mean = n.mean()
-                if mean > 0:
+                if np.isfinite(mean) and mean > 0:
                     accumulate(g, sl, n / mean, s)
             out[g.id] = s
         return out
