@@ -101,7 +101,7 @@ def _summary_rows(report: dict) -> list[tuple[str, str, str]]:
             ("parameters", _human(t["params_before"]), f"{_human(t['params_after'])} ({t['params_ratio']:.1%})")]
     for b in report.get("bench", {}).get("rows", []):
         rows.append((f"latency p50, batch {b['batch']} ({b['provider']})", f"{b['dense_p50_ms']:.3f} ms",
-                     f"{b['pruned_p50_ms']:.3f} ms (x{b['speedup']:.2f})"))
+                     f"{b['pruned_p50_ms']:.3f} ms (speed-up x{b['speedup']:.2f})"))
     if "latency" in report:
         lat = report["latency"]
         rows.append((f"planned latency, batch {lat['batch']}", f"{lat['dense_ms']:.3f} ms",

@@ -152,7 +152,7 @@ def _print_table(reports: list[dict], human) -> None:
                  f"{rep['file_size']['after'] / rep['file_size']['before']:.1%}")]
         for b in rep.get("bench", {}).get("rows", []):
             rows.append((f"p50 ms, batch {b['batch']}", f"{b['dense_p50_ms']:.3f}", f"{b['pruned_p50_ms']:.3f}",
-                         f"x{b['speedup']:.2f} faster (MACs x{b['macs_reduction']:.2f} fewer)"))
+                         f"speed-up x{b['speedup']:.2f} (MACs reduction x{b['macs_reduction']:.2f})"))
             rows.append((f"p90 ms, batch {b['batch']}", f"{b['dense_p90_ms']:.3f}", f"{b['pruned_p90_ms']:.3f}", ""))
         if "accuracy" in rep:
             a = rep["accuracy"]
