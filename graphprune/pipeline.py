@@ -425,6 +425,12 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         from .calib import load_labelled
 
         load_labelled(model, config.eval_data)
+    from .runtime import custom_domains
+
+    needs_ort = config.verify or config.eval_data or config.budget.kind == "latency"
+    if needs_ort and custom_domains(model):
+        raise UserError(f"onnxruntime cannot run ops of the custom domain {custom_domains(model)[0]!r}, which "
+                        "verification, accuracy and latency need; use --no-verify (without --eval/--keep-latency)")
     if config.criterion == "eigendamage" and config.budget.kind != "lossless":
         return _eigendamage(path, out, config, report_path, model, tr, timings)
     prunable = [g for g in tr.groups if g.prunable]

@@ -19,6 +19,11 @@ _NP = {
 _ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
 
+def custom_domains(model: onnx.ModelProto) -> list[str]:
+    """Op domains of the main graph that onnxruntime does not ship kernels for."""
+    return sorted({n.domain for n in model.graph.node if n.domain not in _ORT_DOMAINS})
+
+
 def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), *, threads: int | None = None,
             name: str | None = None):
     """An onnxruntime session (all graph optimisations on); failures are one-line UserErrors."""
@@ -43,7 +48,7 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), *, thre
             return ort.InferenceSession(path, opts, providers=list(providers))
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        custom = sorted({n.domain for n in model.graph.node if n.domain not in _ORT_DOMAINS})
+        custom = custom_domains(model)
         if custom:
             raise UserError(f"{prefix}onnxruntime cannot run ops of the custom domain {custom[0]!r} ({msg[:200]}); "
                             "use --no-verify to prune without the parity check") from None
