@@ -28,6 +28,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from graphprune.io import same_file as _same_file
+
 from .torch_to_onnx import (
     EXPORTERS,
     ConversionError,
@@ -301,16 +303,6 @@ def summarize(path: str | os.PathLike, exporter: str) -> dict:
         inputs.append(f"{v.name}[{','.join(dims)}]")
     return {"path": os.fspath(path), "nodes": len(model.graph.node), "opset": opset, "params": params,
             "exporter": exporter, "inputs": inputs}
-
-
-def _same_file(a: str, b: str) -> bool:
-    pa, pb = Path(a), Path(b)
-    try:
-        if pa.exists() and pb.exists():
-            return os.path.samefile(pa, pb)
-        return pa.resolve() == pb.resolve()
-    except OSError:
-        return False
 
 
 def _check_output_path(source: str, out: str, force: bool) -> None:

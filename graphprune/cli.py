@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__, log
 from .errors import UserError, VerificationError
+from .io import same_file as _same_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,16 +50,6 @@ def _size(text: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
     return int(v)
-
-
-def _same_file(a: str, b: str) -> bool:
-    pa, pb = Path(a), Path(b)
-    try:
-        if pa.exists() and pb.exists():
-            return os.path.samefile(pa, pb)
-        return pa.resolve() == pb.resolve()
-    except OSError:
-        return False
 
 
 def _check_report_path(args) -> None:
