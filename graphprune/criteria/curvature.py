@@ -90,9 +90,16 @@ class _LayerwiseCriterion(Criterion):
     def cols(self, ctx, view, W, unit, n) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def _memo(self, key, fn):
+        """Per-layer quantities (weights, damped factors, inverses) are computed once per score()."""
+        memo = self.__dict__.setdefault("_memo_store", {})
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
+
     def score(self, ctx: ScoringContext) -> dict[int, np.ndarray]:
         out = {}
-        cache: dict[str, torch.Tensor] = {}
+        self._memo_store = {}
         for g in ctx.trace.groups:
             if not g.prunable:
                 continue
@@ -100,22 +107,29 @@ class _LayerwiseCriterion(Criterion):
             for view, rows, cols in ctx.layer_units(g):
                 if view.node not in ctx.stats.layers or ctx.stats.layers[view.node].n == 0:
                     continue
-                W = cache.setdefault(view.node, self.weights(ctx, view))
+                W = self._memo((view.node, "W"), lambda: self.weights(ctx, view))
                 if rows is not None:
                     s += self.rows(ctx, view, W, rows, g.size)
                 if cols is not None:
                     s += self.cols(ctx, view, W, cols, g.size)
             out[g.id] = s.numpy()
+        self._memo_store = {}
         return out
 
     # factors ---------------------------------------------------------------------
     def A(self, ctx, view) -> torch.Tensor:
         st = ctx.stats.layers[view.node]
-        return damped(st.A.to(DTYPE) / max(st.a_count, 1), self.damping)
+        return self._memo((view.node, "A"), lambda: damped(st.A.to(DTYPE) / max(st.a_count, 1), self.damping))
 
     def S(self, ctx, view) -> torch.Tensor:
         st = ctx.stats.layers[view.node]
-        return damped(st.S.to(DTYPE) / max(st.n, 1), self.damping)
+        return self._memo((view.node, "S"), lambda: damped(st.S.to(DTYPE) / max(st.n, 1), self.damping))
+
+    def Ainv(self, ctx, view) -> torch.Tensor:
+        return self._memo((view.node, "Ainv"), lambda: torch.linalg.inv(self.A(ctx, view)))
+
+    def Sinv(self, ctx, view) -> torch.Tensor:
+        return self._memo((view.node, "Sinv"), lambda: torch.linalg.inv(self.S(ctx, view)))
 
 
 class Taylor(_LayerwiseCriterion):
@@ -194,12 +208,12 @@ class KronOBS(_LayerwiseCriterion):
 
     def rows(self, ctx, view, W, unit, n):
         M = W @ self.A(ctx, view) @ W.T
-        return 0.5 * block_trace_solve(M, torch.linalg.inv(self.S(ctx, view)), unit, n)
+        return 0.5 * block_trace_solve(M, self.Sinv(ctx, view), unit, n)
 
     def cols(self, ctx, view, W, unit, n):
         Wc = W[:, :-1]
         N = Wc.T @ self.S(ctx, view) @ Wc
-        Ainv = torch.linalg.inv(self.A(ctx, view))[:-1, :-1]
+        Ainv = self.Ainv(ctx, view)[:-1, :-1]
         return 0.5 * block_trace_solve(N, Ainv, unit, n)
 
 
