@@ -18,7 +18,7 @@ from .planner import Budget, make_plan
 from .rewriter import apply_plan, expanded_pruned, masked_original, sliced_mismatches
 from .runtime import run, session
 from .tracer import Trace, to_graph, trace
-from .verify import compare
+from .parity import compare
 
 
 @dataclass

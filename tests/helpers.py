@@ -13,7 +13,7 @@ from graphprune.pipeline import signature
 from graphprune.planner import Budget, make_plan
 from graphprune.rewriter import apply_plan, masked_original
 from graphprune.tracer import Trace, to_graph, trace
-from graphprune.verify import compare
+from graphprune.parity import compare
 
 RNG = np.random.default_rng(0)
 
