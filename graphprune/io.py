@@ -11,8 +11,9 @@ from onnx import numpy_helper
 
 from .errors import UserError
 from . import log
-from .validate import (MAX_OPSET, MIN_OPSET, _PACKED, _all_tensors, _first_line, check_conv_groups, opset_of, check_graph_names, check_tensor_sizes,  # noqa: F401
-                       quantization_findings, refuse_quantized, validate_model)
+from .validate import (_PACKED, _all_tensors, _first_line, check_conv_groups, check_graph_names, check_tensor_sizes,
+                       refuse_quantized, validate_model)
+from .validate import opset_of  # noqa: F401  (re-exported: callers load and ask the opset from one module)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 #: protobuf cannot serialize a message of 2 GiB or more; above this size a model is handled with
