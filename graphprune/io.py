@@ -23,6 +23,9 @@ LARGE_MODEL_BYTES = 2**31 - 2**26
 EXTERNAL_MIN_BYTES = 1024
 #: offsets of external tensors are aligned to this (lets onnxruntime map the file instead of copying)
 _ALIGN = 65536
+#: constants at least this large count as weights: shape inference runs on a copy without them, and
+#: onnxruntime reads them from graphprune's own arrays (fed as inputs) instead of a serialized copy
+WEIGHT_MIN_BYTES = 1 << 16
 _SKELETON_LOCATION = "__graphprune_weights_not_loaded__"
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -61,12 +64,14 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> bool:
 
 
 def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, check: bool = True,
-               allow_quantized: bool = True) -> onnx.ModelProto:
+               allow_quantized: bool = True, load_external: bool = True) -> onnx.ModelProto:
     """Load and validate an ONNX model; raises UserError with a one-line message on bad input.
 
     External data is checked (locations inside the model folder, files present and long enough) before
-    anything is read, and the checker then runs on the file (it never sees the weights, so models over
-    2 GB work). ``allow_quantized=False`` refuses quantized graphs (prune/inspect)."""
+    anything is read. The checker runs on the file, never on a serialized copy of the loaded proto
+    (which would double the memory, and fail over 2 GB). ``allow_quantized=False`` refuses quantized
+    graphs (prune/inspect). ``load_external=False`` leaves external tensors on disk: the caller reads
+    them with :func:`read_external` (tracer.detach_weights does, one tensor at a time)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such file")
@@ -80,18 +85,15 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, check: boo
         raise UserError(f"{p}: not a valid ONNX file ({_first_line(exc)})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise UserError(f"{p}: parsed, but holds no ONNX graph (is it really an .onnx model?)")
-    if _check_external_data(model, p.parent):
-        validate_model(model, str(p), check=check, path=p)
-        if not allow_quantized:
-            refuse_quantized(model, str(p))
+    external = _check_external_data(model, p.parent)
+    validate_model(model, str(p), check=check, path=p)
+    if not allow_quantized:
+        refuse_quantized(model, str(p))
+    if external and load_external:
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:
             raise UserError(f"{p}: cannot read external data ({_first_line(exc)})") from None
-    else:
-        validate_model(model, str(p), check=check)
-        if not allow_quantized:
-            refuse_quantized(model, str(p))
     check_tensor_sizes(model, str(p))
     check_graph_names(model, str(p))
     lift_constant_nodes(model)
@@ -99,6 +101,35 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, check: boo
     if infer_shapes:
         model = infer(model)
     return model
+
+
+def read_external(tensor: onnx.TensorProto, base: str | os.PathLike, name: str = "model", *,
+                  is_weight: bool = False) -> np.ndarray:
+    """The values of an external-data tensor, read straight from its file into a new array (the
+    proto never holds them). Locations were checked by load_model; sizes and NaN are checked here."""
+    from .validate import _FLOATS, _check_finite
+
+    entries = {e.key: e.value for e in tensor.external_data}
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except Exception:
+        raise UserError(f"{name}: tensor {tensor.name!r} has an unknown data type {tensor.data_type}") from None
+    if tensor.data_type in _PACKED or dtype.kind in "OUS":
+        return numpy_helper.to_array(tensor, base_dir=str(base))
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    offset, length = int(entries.get("offset", 0) or 0), entries.get("length")
+    if length is not None and int(length) != count * dtype.itemsize:
+        raise UserError(f"{name}: tensor {tensor.name!r} holds {length} bytes of external data, its shape "
+                        f"{list(tensor.dims)} needs {count * dtype.itemsize}")
+    path = Path(base) / entries["location"]
+    if offset + count * dtype.itemsize > path.stat().st_size:
+        raise UserError(f"{name}: external data file {entries['location']!r} is truncated (tensor {tensor.name!r})")
+    values = np.fromfile(path, dtype=dtype.newbyteorder("<"), count=count, offset=offset)
+    if not dtype.isnative:
+        values = values.astype(dtype)
+    if tensor.data_type in _FLOATS:
+        _check_finite(values, tensor.name, is_weight, name)
+    return values.reshape(tuple(tensor.dims))
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
@@ -125,6 +156,16 @@ def is_large(model: onnx.ModelProto) -> bool:
     return model_bytes(model) > LARGE_MODEL_BYTES
 
 
+#: above this size the checker and onnxruntime get a model as files written with external data
+#: (streamed one tensor at a time) instead of one serialized copy in memory (plus the parser's)
+FILE_ROUTE_BYTES = 1 << 26
+
+
+def use_files(model: onnx.ModelProto) -> bool:
+    """Hand ``model`` to the checker / onnxruntime as files rather than serialized bytes?"""
+    return model_bytes(model) > min(LARGE_MODEL_BYTES, FILE_ROUTE_BYTES)
+
+
 def _copy_fields(src, dst, skip=()) -> None:
     """Copy the set fields of one protobuf message into another, except those named in ``skip``."""
     for fd, value in src.ListFields():
@@ -148,7 +189,7 @@ def externalized(model: onnx.ModelProto, location: str = _SKELETON_LOCATION, wri
     _copy_fields(model, out, skip=("graph",))
     _copy_fields(model.graph, out.graph, skip=("initializer",))
     for t in model.graph.initializer:
-        if not t.HasField("raw_data") or t.ByteSize() < threshold:
+        if not t.HasField("raw_data") or _initializer_bytes(t) < threshold:
             out.graph.initializer.add().CopyFrom(t)
             continue
         nt = out.graph.initializer.add()
@@ -188,15 +229,21 @@ def _graft_shapes(model: onnx.ModelProto, inferred: onnx.ModelProto) -> onnx.Mod
     model.graph.value_info.extend(inferred.graph.value_info)
     for dst, src in zip(model.graph.output, inferred.graph.output):
         dst.CopyFrom(src)
+    subgraph = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    for dst, src in zip(model.graph.node, inferred.graph.node):  # shapes inferred inside If/Loop/Scan bodies
+        if any(a.type in subgraph for a in dst.attribute):
+            dst.CopyFrom(src)
     return model
 
 
 def infer_shapes(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto:
-    """onnx.shape_inference.infer_shapes, also for models over 2 GB (inferred on a weight-free
-    skeleton, the shapes are copied into ``model``, which is then returned). Errors propagate."""
-    if not is_large(model):
-        return onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
-    return _graft_shapes(model, onnx.shape_inference.infer_shapes(externalized(model), data_prop=data_prop))
+    """onnx.shape_inference.infer_shapes on a copy without the weights (constants of WEIGHT_MIN_BYTES
+    or more); the shapes are copied into ``model``, which is then returned. Works above 2 GB and never
+    copies the weights. Errors propagate."""
+    if not any(t.HasField("raw_data") and _initializer_bytes(t) >= WEIGHT_MIN_BYTES for t in model.graph.initializer):
+        return onnx.shape_inference.infer_shapes(model, data_prop=data_prop)  # nothing worth leaving out
+    skeleton = externalized(model, threshold=WEIGHT_MIN_BYTES)
+    return _graft_shapes(model, onnx.shape_inference.infer_shapes(skeleton, data_prop=data_prop))
 
 
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -265,8 +312,8 @@ def _constant_value(attr: onnx.AttributeProto):
 
 def check_output(model: onnx.ModelProto) -> None:
     """Full checker (strict shape inference) on a model graphprune produced; failure is a bug.
-    Models over 2 GB are checked from a temporary copy written with external data."""
-    if not is_large(model):
+    Large models are checked from a temporary copy written with external data (see use_files)."""
+    if not use_files(model):
         onnx.checker.check_model(model, full_check=True)
         return
     with tempfile.TemporaryDirectory(prefix="graphprune-check-") as d:
@@ -289,6 +336,40 @@ def external_files(path: str | os.PathLike) -> set[Path]:
             if loc:
                 out.add((base / loc).resolve())
     return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field_key(message, field: str) -> bytes:
+    """Protobuf key of a length-delimited field (wire type 2)."""
+    return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+
+
+def write_serialized(model: onnx.ModelProto, fh) -> None:
+    """Write ``model`` as protobuf bytes that parse to the same message, one initializer at a time:
+    the model without its initializers first, then each initializer appended to the graph field
+    (protobuf concatenates repeated fields), so memory holds one tensor's bytes, not the model's."""
+    head = onnx.ModelProto()
+    _copy_fields(model, head, skip=("graph",))
+    graph = onnx.GraphProto()
+    _copy_fields(model.graph, graph, skip=("initializer",))
+    graph_bytes = graph.SerializeToString()
+    key = _field_key(model.graph, "initializer")
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    length = len(graph_bytes) + sum(len(key) + len(_varint(n)) + n for n in sizes)
+    fh.write(head.SerializeToString())
+    fh.write(_field_key(model, "graph") + _varint(length) + graph_bytes)
+    for tensor, size in zip(model.graph.initializer, sizes):
+        data = tensor.SerializeToString()
+        assert len(data) == size
+        fh.write(key + _varint(size) + data)
 
 
 def _default_mode(fd: int) -> None:
@@ -327,7 +408,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, src: str | os
     try:
         _default_mode(fd)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
+            write_serialized(model, fh)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

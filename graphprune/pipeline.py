@@ -15,9 +15,11 @@ from .criteria import ScoringContext, make_criterion
 from .errors import UserError, VerificationError
 from .io import check_output, infer_shapes, load_model, opset_of, save_model, write_json_atomic
 from .planner import Budget, make_plan
-from .rewriter import apply_plan, expanded_pruned, masked_original, sliced_mismatches
+from .rewriter import apply_plan, expanded_pruned, export_graph, masked_view, sliced_mismatches
+from .memory import prefer_mmap, trim
+from .runtime import GraphModel
 from .runtime import run, session
-from .tracer import Trace, to_graph, trace
+from .tracer import Trace, detach_weights, to_graph, trace
 from .parity import compare
 
 
@@ -49,8 +51,17 @@ class PruneConfig:
 
 
 def load_and_trace(path: str | os.PathLike) -> tuple[onnx.ModelProto, Trace]:
-    model = load_model(path, allow_quantized=False)
-    return model, trace(to_graph(model), opset_of(model))
+    """Load, validate and trace a model. Returns (skeleton, trace): the trace's graph holds the only
+    copy of the weights (external data is read from its files straight into the graph's arrays); the
+    ModelProto is weight-free and carries the signature, opset and metadata. Run the original with
+    ``GraphModel(trace.graph, skeleton)``; export a copy with ``export_graph``."""
+    prefer_mmap()
+    model = load_model(path, allow_quantized=False, load_external=False)
+    graph = to_graph(model, base=Path(path).parent)
+    skeleton = detach_weights(model, graph)
+    del model  # the loaded proto, and with it the proto's copy of the weights
+    trim()
+    return skeleton, trace(graph, opset_of(skeleton))
 
 
 def signature(model: onnx.ModelProto) -> dict:
@@ -112,7 +123,7 @@ def inspect(path: str | os.PathLike) -> dict:
     }
 
 
-def evaluate(model: onnx.ModelProto, data_path: str | os.PathLike) -> float:
+def evaluate(model: onnx.ModelProto | GraphModel, data_path: str | os.PathLike) -> float:
     """Top-1 accuracy of output 0 on an .npz with one array per input (or one unnamed) and `labels`."""
     from .calib import load_labelled
 
@@ -221,6 +232,7 @@ def _apply(model, tr: Trace, ctx, scores, criterion, method, meta: dict, config:
         timings[tag + "compensate"] = time.perf_counter() - t
     t = time.perf_counter()
     pruned = infer_shapes(apply_plan(tr, removed_roots, model))
+    trim()  # the rewrite's sliced copies are in ``pruned`` now
     try:
         check_output(pruned)
     except Exception as exc:  # a bug, never the user's fault: keep the traceback
@@ -231,7 +243,8 @@ def _apply(model, tr: Trace, ctx, scores, criterion, method, meta: dict, config:
     result = None
     if config.verify:
         t = time.perf_counter()
-        result = compare(masked_original(tr, removed_roots, model), pruned, seed=config.seed, rtol=config.rtol)
+        result = compare(lambda: masked_view(tr, removed_roots, model), pruned, seed=config.seed, rtol=config.rtol)
+        trim()
         timings[tag + "verify"] = time.perf_counter() - t
         if not result["ok"]:
             raise VerificationError(f"pruned model differs from the masked original "
@@ -249,11 +262,12 @@ def _latency_round(model, tr: Trace, ctx, scores, criterion, method, meta, confi
 
     t = time.perf_counter()
     table = LatencyTable(config.provider, config.latency_batch, config.latency_cache)
+    dense_model = export_graph(tr.graph.copy(), model)  # the original as deployed (before any compensation)
     ratio, attempts, best = budget.ratio, [], None
     for attempt in range(config.latency_attempts):
         res = _apply(model, tr, ctx, scores, criterion, method, meta, config,
                      Budget("latency", ratio, budget.cap, budget.round_to, best_effort=True), timings, tag, table)
-        dense, measured = table.measure_pair(model, res["pruned"])
+        dense, measured = table.measure_pair(dense_model, res["pruned"])
         target = budget.ratio * dense
         plan = res["plan"]
         attempts.append({"layer_budget": round(ratio, 4), "layers_ms_before": plan.before["latency"],
@@ -324,11 +338,23 @@ def _key(group) -> str:
     return group.sources[0].node
 
 
-def _finish(report: dict, model, pruned, path, out, config: "PruneConfig", report_path, timings) -> dict:
+def _accuracy_before(model, tr: Trace, config: "PruneConfig", timings: dict) -> float | None:
+    """Accuracy of the original on --eval data, measured before scoring or compensation touch the
+    trace graph (which holds the original's only copy of the weights)."""
+    if not config.eval_data:
+        return None
+    t = time.perf_counter()
+    accuracy = evaluate(GraphModel(tr.graph, model), config.eval_data)
+    timings["evaluate"] = time.perf_counter() - t
+    return accuracy
+
+
+def _finish(report: dict, before: float | None, pruned, path, out, config: "PruneConfig", report_path,
+            timings) -> dict:
     if config.eval_data:
         t = time.perf_counter()
-        report["accuracy"] = {"before": evaluate(model, config.eval_data), "after": evaluate(pruned, config.eval_data)}
-        timings["evaluate"] = time.perf_counter() - t
+        report["accuracy"] = {"before": before, "after": evaluate(pruned, config.eval_data)}
+        timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t
     report["timings"] = {k: round(v, 4) for k, v in timings.items()}
     save_model(pruned, out, src=path, force=config.force, external_data=config.external_data or None)
     if report_path is not None:
@@ -340,10 +366,9 @@ def _finish(report: dict, model, pruned, path, out, config: "PruneConfig", repor
     return report
 
 
-def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timings) -> dict:
+def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timings, before_accuracy) -> dict:
     """Layer rewriting in the Kronecker-factored eigenbasis (see graphprune/eigendamage.py)."""
     from . import eigendamage as ed
-    from .rewriter import export_graph
 
     ed.check_supported(config.budget)
     if config.steps != 1:
@@ -366,7 +391,7 @@ def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timin
     ref_tensors = ref_graph.tensors()
     for name, values in ed.projected_weights(ctx, kfes, ranks).items():
         ref_tensors[name].values = values
-    reference = export_graph(ref_graph, model)
+    reference = GraphModel(ref_graph, model)
     new_graph = tr.graph.copy()
     layers = ed.rewrite(new_graph, ctx, kfes, ranks)
     pruned = infer_shapes(export_graph(new_graph, model))
@@ -399,7 +424,7 @@ def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timin
         if not res["ok"]:
             raise VerificationError(f"eigendamage bottlenecks differ from the projected original "
                                     f"(max rel error {res.get('max_rel_error', float('nan')):.3g}); nothing written")
-    return _finish(report, model, pruned, path, out, config, report_path, timings)
+    return _finish(report, before_accuracy, pruned, path, out, config, report_path, timings)
 
 
 def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
@@ -431,8 +456,9 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     if needs_ort and custom_domains(model):
         raise UserError(f"onnxruntime cannot run ops of the custom domain {custom_domains(model)[0]!r}, which "
                         "verification, accuracy and latency need; use --no-verify (without --eval/--keep-latency)")
+    before_accuracy = _accuracy_before(model, tr, config, timings)
     if config.criterion == "eigendamage" and config.budget.kind != "lossless":
-        return _eigendamage(path, out, config, report_path, model, tr, timings)
+        return _eigendamage(path, out, config, report_path, model, tr, timings, before_accuracy)
     prunable = [g for g in tr.groups if g.prunable]
     log.info(f"traced {len(model.graph.node)} nodes: {len(tr.groups)} groups, {len(prunable)} prunable "
              f"({sum(g.size for g in prunable)} channels)")
@@ -457,6 +483,8 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         current = model_costs(tr)
         rounds.append({"budget_ratio": budget.ratio, "macs": current["macs"], "params": current["params"],
                        "verification": res["verification"], "budget_met": res["plan"].budget_met})
+    del tr  # the last trace (of the pruned model) holds arrays of its weights: only ``pruned`` is needed
+    trim()
     final = res
     removed = {g.id: np.setdiff1d(np.arange(g.size), alive[_key(g)]) for g in tr0.groups
                if len(alive.get(_key(g), np.arange(g.size))) < g.size}
@@ -502,7 +530,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
             report["verification"] = {**final["verification"], "structure": check}
         else:
             report["verification"] = final["verification"]
-    return _finish(report, model, pruned, path, out, config, report_path, timings)
+    return _finish(report, before_accuracy, pruned, path, out, config, report_path, timings)
 
 
 def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: dict, *, rtol: float = 1e-4,
@@ -538,10 +566,8 @@ def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: 
         if bad:
             return {"ok": False, "reason": f"{len(bad)} initializers are not the original's slice for the "
                                           f"reported removal (e.g. {bad[0]!r})"}
-        reference = expanded_pruned(tr, roots, pruned, model)
-    else:
-        reference = masked_original(tr, roots, model)
-    return compare(reference, pruned, seed=seed, rtol=rtol)
+        return compare(expanded_pruned(tr, roots, pruned, model), pruned, seed=seed, rtol=rtol)
+    return compare(lambda: masked_view(tr, roots, model), pruned, seed=seed, rtol=rtol)
 
 
 def _verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict, *, rtol: float, seed: int) -> dict:
@@ -551,7 +577,6 @@ def _verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict,
 
     from . import eigendamage as ed
     from .curvature.layers import layer_views
-    from .rewriter import export_graph
 
     if signature(pruned) != signature(model):
         return {"ok": False, "reason": "input/output signature differs from the original"}
@@ -570,4 +595,4 @@ def _verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict,
         if reason:
             return {"ok": False, "reason": reason}
         tensors[view.weight].values = ed.weights_from_bottleneck(values, entry, view).astype(np.float32)
-    return compare(export_graph(graph, model), pruned, seed=seed, rtol=rtol)
+    return compare(GraphModel(graph, model), pruned, seed=seed, rtol=rtol)

@@ -7,13 +7,15 @@ belong to a channel.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from .rules import RewriteContext
-from .tracer import Trace
+from .tracer import Trace, _weightless
 
 # an edit of one constant use: ((axis, mask bytes), ...) with op "slice" or "zero"
 EditSpec = tuple
@@ -76,8 +78,32 @@ def member_edits(trace: Trace, keep_fn, roles=None) -> dict[tuple[str, int], Edi
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` as a ModelProto with ``like``'s IR version, opsets and metadata.
+
+    The weights are put into the proto one tensor at a time after export (gs.export_onnx would hold
+    every initializer twice at once: its own TensorProtos and their copies in the graph)."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from .io import _SKELETON_LOCATION
+    from .validate import _all_tensors
+
     graph.cleanup().toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    stubbed = _weightless(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for t, values in stubbed:
+            t._values = values
+    weights = {t.name: values for t, values in stubbed}
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or not any(
+                e.key == "location" and e.value == _SKELETON_LOCATION for e in tensor.external_data):
+            continue
+        values = weights.pop(tensor.name)  # KeyError: a stub that is not ours (a bug)
+        name = tensor.name
+        tensor.CopyFrom(values.tensor if isinstance(values, LazyValues)
+                        else numpy_helper.from_array(np.asarray(values), name))
+        tensor.name = name
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
@@ -110,11 +136,63 @@ def apply_plan(trace: Trace, removed_roots, like: onnx.ModelProto) -> onnx.Model
             shape = list(t.shape)
             shape[info.axis] = int(keep(info.ids).sum())
             t.shape = shape
-    return export_graph(graph, like)
+    model = export_graph(graph, like)
+    for t in graph.tensors().values():  # the sliced arrays now live in ``model``: free them now, not
+        if isinstance(t, gs.Constant):  # whenever the garbage collector breaks the graph's cycles
+            t._values = None
+    return model
+
+
+@contextmanager
+def masked_view(trace: Trace, removed_roots, like: onnx.ModelProto):
+    """The original model with removed channels zeroed where layers consume them, as a GraphModel.
+
+    The zeros are written into the trace graph's own arrays and the overwritten values put back on
+    exit (even on error), so the check costs the removed slices, not a second copy of the weights.
+    An array that is shared with another constant, or read-only, is copied for the duration instead."""
+    from .runtime import GraphModel
+
+    edits = member_edits(trace, trace.kept_fn(removed_roots), roles=("in",))
+    for node_name, i in edits:  # lazily loaded values: load them into the trace graph, once
+        trace.graph_node(node_name).inputs[i].values
+    graph = trace.graph.copy()  # new tensor objects sharing the trace graph's arrays
+    nodes = {n.name: n for n in graph.nodes}
+    uses: dict[str, list] = {}
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Constant):
+                uses.setdefault(t.name, []).append((node.name, i))
+    owners: dict[int, int] = {}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray):
+            base = t._values.base if t._values.base is not None else t._values
+            owners[id(base)] = owners.get(id(base), 0) + 1
+    saved: list[tuple[np.ndarray, tuple, np.ndarray]] = []
+    try:
+        for name in {nodes[n].inputs[i].name for n, i in edits}:
+            specs = {edits.get(use, ()) for use in uses[name]}
+            tensor = nodes[uses[name][0][0]].inputs[uses[name][0][1]]
+            values = tensor._values if isinstance(tensor._values, np.ndarray) else None
+            shared = values is None or owners.get(id(values.base if values.base is not None else values), 0) > 1
+            if len(specs) != 1 or shared or not values.flags.writeable or not values.flags.c_contiguous:
+                edit_constants(graph, {use: edits[use] for use in uses[name] if use in edits}, "zero")
+                continue
+            for axis, mask_bytes, n in specs.pop():
+                mask = np.frombuffer(mask_bytes, dtype=bool)[:n]
+                index = [slice(None)] * values.ndim
+                index[axis] = np.nonzero(~mask)[0]
+                index = tuple(index)
+                saved.append((values, index, values[index].copy()))
+                values[index] = 0
+        yield GraphModel(graph, like)
+    finally:
+        for values, index, old in reversed(saved):
+            values[index] = old
 
 
 def masked_original(trace: Trace, removed_roots, like: onnx.ModelProto) -> onnx.ModelProto:
-    """The original model with removed channels zeroed where layers consume them."""
+    """The masked original as a self-contained ModelProto (a copy of every zeroed weight); for tools
+    and tests that want a file. Verification uses :func:`masked_view`."""
     graph = trace.graph.copy()
     edit_constants(graph, member_edits(trace, trace.kept_fn(removed_roots), roles=("in",)), "zero")
     return export_graph(graph, like)
@@ -124,11 +202,14 @@ def clone(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy.deepcopy(model)
 
 
-def expanded_pruned(trace: Trace, removed_roots, pruned: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:
+def expanded_pruned(trace: Trace, removed_roots, pruned: onnx.ModelProto, like: onnx.ModelProto):
     """The original graph carrying the *pruned model's* weights scattered back to their original
     positions (zeros where channels were removed), then masked. Equal to the pruned model iff the
-    channel structure of the rewrite is right, whatever compensation did to the kept weights."""
+    channel structure of the rewrite is right, whatever compensation did to the kept weights.
+    Returned as a GraphModel (its arrays are new, but no serialized copy is made)."""
     from onnx import numpy_helper
+
+    from .runtime import GraphModel
 
     graph = trace.graph.copy()
     keep = trace.kept_fn(removed_roots)
@@ -153,7 +234,7 @@ def expanded_pruned(trace: Trace, removed_roots, pruned: onnx.ModelProto, like: 
             full[np.ix_(*index)] = new
             t.values = full
     edit_constants(graph, member_edits(trace, keep, roles=("in",)), "zero")
-    return export_graph(graph, like)
+    return GraphModel(graph, like)
 
 
 def sliced_mismatches(trace: Trace, removed_roots, pruned: onnx.ModelProto, skip=()) -> list[str]:

@@ -24,24 +24,87 @@ def custom_domains(model: onnx.ModelProto) -> list[str]:
     return sorted({n.domain for n in model.graph.node if n.domain not in _ORT_DOMAINS})
 
 
-def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), *, threads: int | None = None,
-            name: str | None = None):
-    """An onnxruntime session (all graph optimisations on); failures are one-line UserErrors."""
+class GraphModel:
+    """An onnx-graphsurgeon graph that onnxruntime runs without a copy of its weights.
+
+    Every float constant of ``min_bytes`` or more becomes a graph input, fed at each run straight from
+    the graph's own arrays (onnxruntime reads numpy inputs in place), so neither a serialized model
+    nor the session holds the weights again. Used for the reference side of verification (the masked
+    original, the original carrying the pruned weights) and for the original's accuracy, where the
+    weights are the big trace graph's. ``like`` supplies the signature, opset and metadata."""
+
+    def __init__(self, graph, like: onnx.ModelProto, *, min_bytes: int | None = None):
+        import onnx_graphsurgeon as gs
+
+        from .io import WEIGHT_MIN_BYTES
+        from .rewriter import export_graph
+
+        min_bytes = WEIGHT_MIN_BYTES if min_bytes is None else min_bytes
+        g = graph.copy()  # new tensor objects, the same arrays
+        self.like = like
+        self.weights: dict[str, np.ndarray] = {}
+        real_inputs = list(g.inputs)
+        for t in g.tensors().values():
+            if not isinstance(t, gs.Constant):
+                continue
+            values = t.values
+            if values.nbytes < min_bytes or values.dtype not in (np.float32, np.float64, np.float16):
+                continue
+            self.weights[t.name] = np.ascontiguousarray(values)
+            t.to_variable(dtype=values.dtype, shape=list(values.shape))
+            t.type = "tensor_type"  # what Variable.__init__ would set (to_variable does not)
+        g.inputs = real_inputs + [t for t in g.tensors().values() if t.name in self.weights]
+        self.model = export_graph(g, like)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        """The signature's graph (real inputs and outputs only)."""
+        return self.like.graph
+
+
+class _FedSession:
+    """A session whose weight inputs are filled in from a GraphModel at every run."""
+
+    def __init__(self, sess, weights: dict[str, np.ndarray]):
+        self._sess, self._weights = sess, weights
+        self._inputs = [i for i in sess.get_inputs() if i.name not in weights]
+
+    def run(self, output_names, feeds, *args, **kwargs):
+        return self._sess.run(output_names, {**feeds, **self._weights}, *args, **kwargs)
+
+    def get_inputs(self):
+        return self._inputs
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+
+def session(model, providers=("CPUExecutionProvider",), *, threads: int | None = None,
+            name: str | None = None, prepack: bool = True):
+    """An onnxruntime session (all graph optimisations on) for a ModelProto or a GraphModel;
+    failures are one-line UserErrors. ``prepack=False`` keeps onnxruntime from holding a second,
+    pre-packed copy of the weights (for sessions run a few times only, like verification)."""
     import onnxruntime as ort
 
-    from .io import is_large, write_model_files
+    from .io import use_files, write_model_files
 
+    if isinstance(model, GraphModel):
+        return _FedSession(session(model.model, providers, threads=threads, name=name, prepack=prepack),
+                           model.weights)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors come back as exceptions (one line); ort would also print them
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     prefix = f"{name}: " if name else ""
     try:
-        if not is_large(model):
+        if not use_files(model):
             return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
-        # over 2 GB: the proto cannot be serialized in one piece; onnxruntime reads a temporary
-        # copy written with external data (streamed, deleted once the session holds the weights)
+        # large models (and every model over 2 GB, which protobuf cannot serialize in one piece):
+        # onnxruntime reads a temporary copy written with external data (streamed tensor by
+        # tensor, deleted once the session holds the weights)
         with tempfile.TemporaryDirectory(prefix="graphprune-ort-") as d:
             path = os.path.join(d, "model.onnx")
             write_model_files(model, path, path + ".data", "model.onnx.data")

@@ -81,18 +81,29 @@ def _quiet_backends() -> None:
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 
-def to_graph(model: onnx.ModelProto, *, fold: bool = True) -> gs.Graph:
-    """Import into onnx-graphsurgeon; fold constant subgraphs; give every node a unique name."""
+def to_graph(model: onnx.ModelProto, *, fold: bool = True, base=None) -> gs.Graph:
+    """Import into onnx-graphsurgeon; fold constant subgraphs; give every node a unique name.
+
+    Tensors of ``model`` that still refer to external data (``load_model(load_external=False)``) are
+    read from their files under the folder ``base``, straight into the graph's arrays."""
     _quiet_backends()
     graph = gs.import_onnx(model)
+    if base is not None:
+        _read_external_constants(graph, base)
     if fold and any(n.op in _FOLDABLE_HINTS for n in graph.nodes):
         try:
             graph.fold_constants(error_ok=True, flatten_subgraphs=False).cleanup()
+            # re-import for the shapes of tensors whose shape was computed; the weights do not make
+            # the round trip (stubs in the exported copy, the same values put back after import)
+            weights = {t.name: values for t, values in _weightless(graph)}
             folded = gs.export_onnx(graph, do_type_check=False)
             folded.ir_version = model.ir_version
             del folded.opset_import[:]
             folded.opset_import.extend(model.opset_import)
-            graph = gs.import_onnx(infer(folded))  # shapes of tensors whose shape was computed
+            graph = gs.import_onnx(infer(folded))
+            for name, t in graph.tensors().items():
+                if name in weights and isinstance(t, gs.Constant):
+                    t._values = weights[name]
         except Exception as exc:  # folding is an optimisation only
             log.warn(f"constant folding skipped ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
     seen: set[str] = set()
@@ -102,6 +113,49 @@ def to_graph(model: onnx.ModelProto, *, fold: bool = True) -> gs.Graph:
         seen.add(node.name)
     graph.toposort()
     return graph
+
+
+def _constants(graph: gs.Graph):
+    """Every gs.Constant of ``graph`` and of its subgraphs (each once)."""
+    seen: set[int] = set()
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant) and id(t) not in seen:
+                seen.add(id(t))
+                yield t
+        for node in g.nodes:
+            stack.extend(node.subgraphs())
+
+
+def _read_external_constants(graph: gs.Graph, base) -> None:
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from .io import read_external
+
+    weights = {t.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+               for t in n.inputs[1:]}
+    for t in _constants(graph):
+        lazy = t._values
+        if (isinstance(lazy, LazyValues) and isinstance(lazy.tensor, onnx.TensorProto)
+                and lazy.tensor.data_location == onnx.TensorProto.EXTERNAL):
+            t._values = read_external(lazy.tensor, base, str(base), is_weight=t.name in weights)
+
+
+def detach_weights(model: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
+    """Make ``graph`` the only holder of the weights: every constant still loading lazily from
+    ``model`` gets its own array now; returns a weight-free skeleton of ``model`` (weights as
+    external stubs) for the signature, opset and metadata. Drop ``model`` afterwards: the weights
+    then exist once, in the graph."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from .io import WEIGHT_MIN_BYTES, externalized
+
+    for t in _constants(graph):
+        if isinstance(t._values, LazyValues):
+            t._values = t._values.load()
+    return externalized(model, threshold=WEIGHT_MIN_BYTES)
 
 
 def _implicit_inputs(node) -> set[str]:
@@ -117,19 +171,17 @@ def _implicit_inputs(node) -> set[str]:
 
 
 def _weightless(g: gs.Graph) -> list:
-    """If the constants of ``g`` (a copy) hold over 2 GB, give the large ones weight-free values (an
+    """Give the weights of ``g`` (constants of WEIGHT_MIN_BYTES or more) weight-free values (an
     external-data stub with the same shape and type) so that exporting ``g`` copies no weights and
-    the result can be serialized for shape inference. Returns [(constant, original values)]."""
+    the result can be serialized (also over 2 GB) for shape inference. Returns [(constant, values)]
+    so the caller can put them back."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-    from .io import LARGE_MODEL_BYTES, _SKELETON_LOCATION
+    from .io import WEIGHT_MIN_BYTES, _SKELETON_LOCATION
 
-    consts = [t for t in g.tensors().values() if isinstance(t, gs.Constant)]
-    if sum(int(getattr(t._values, "nbytes", 0)) for t in consts) <= LARGE_MODEL_BYTES:
-        return []
     swapped = []
-    for t in consts:
-        if int(getattr(t._values, "nbytes", 0)) < 1 << 20:
+    for t in g.tensors().values():
+        if not isinstance(t, gs.Constant) or int(getattr(t._values, "nbytes", 0)) < WEIGHT_MIN_BYTES:
             continue
         try:
             dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
@@ -150,7 +202,7 @@ def _static_shapes(graph: gs.Graph, opset: int) -> dict[str, list]:
     for t in g.inputs:
         if t.shape is not None:
             t.shape = [d if isinstance(d, int) and d >= 0 else 1 for d in t.shape]
-    heavy = _weightless(g)  # models over 2 GB: infer on a copy without the weights
+    heavy = _weightless(g)  # infer on a copy without the weights
     try:
         model = gs.export_onnx(g, do_type_check=False)
         del model.opset_import[:]

@@ -19,10 +19,16 @@ class Slice:
     values: np.ndarray
     unit: np.ndarray
 
-    def per_index(self, fn) -> np.ndarray:
-        """Apply ``fn`` to each slice along the member axis (reduced over the other axes)."""
-        moved = np.moveaxis(self.values, self.member.axis, 0).reshape(self.values.shape[self.member.axis], -1)
-        return fn(moved.astype(np.float64))
+    def per_index(self, fn, chunk: int = 1 << 22) -> np.ndarray:
+        """Apply ``fn`` (a row-wise reduction of a 2-D float64 array) to each slice along the member
+        axis, reduced over the other axes; rows go through in blocks of about ``chunk`` values so
+        the float64 temporaries stay small however large the weight is."""
+        moved = np.moveaxis(self.values, self.member.axis, 0)
+        n = moved.shape[0]
+        step = max(1, chunk // max(1, int(np.prod(moved.shape[1:], dtype=np.int64))))
+        parts = [fn(moved[i:i + step].reshape(len(moved[i:i + step]), -1).astype(np.float64))
+                 for i in range(0, n, step)]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
 
 class ScoringContext:

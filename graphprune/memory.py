@@ -1,0 +1,42 @@
+"""Give freed memory back to the operating system between pipeline stages.
+
+glibc raises its mmap threshold after large blocks are freed, so the next arrays of a few MB come
+from the heap, and a heap does not shrink while anything above them is in use: the weights of a
+large model, freed after a rewrite, would stay resident until exit. ``trim()`` asks glibc to return
+what is free (a no-op on other C libraries)."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import ctypes.util
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def trim() -> None:
+    """Collect garbage (onnx-graphsurgeon graphs are reference cycles: a dropped graph and its arrays
+    wait for the collector), then return free heap memory to the system."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def prefer_mmap(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of ``threshold`` bytes or more with its own mapping (glibc's default
+    before its dynamic adjustment), so freeing a weight-sized buffer returns it to the system at once."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
