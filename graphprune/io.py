@@ -152,6 +152,18 @@ def _initializer_bytes(t: onnx.TensorProto) -> int:
     return t.ByteSize()
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, from their dims (external ones included, none read)."""
+    total = 0
+    for t in model.graph.initializer:
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:
+            continue
+        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total
+
+
 def is_large(model: onnx.ModelProto) -> bool:
     return model_bytes(model) > LARGE_MODEL_BYTES
 

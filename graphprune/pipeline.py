@@ -13,7 +13,8 @@ from . import __version__, log
 from .cost import model_costs
 from .criteria import ScoringContext, make_criterion
 from .errors import UserError, VerificationError
-from .io import check_output, infer_shapes, load_model, opset_of, save_model, write_json_atomic
+from .io import (FILE_ROUTE_BYTES, check_output, infer_shapes, load_model, opset_of, save_model, weight_bytes,
+                 write_json_atomic)
 from .planner import Budget, make_plan
 from .rewriter import apply_plan, expanded_pruned, export_graph, masked_view, sliced_mismatches
 from .memory import prefer_mmap, trim
@@ -55,8 +56,9 @@ def load_and_trace(path: str | os.PathLike) -> tuple[onnx.ModelProto, Trace]:
     copy of the weights (external data is read from its files straight into the graph's arrays); the
     ModelProto is weight-free and carries the signature, opset and metadata. Run the original with
     ``GraphModel(trace.graph, skeleton)``; export a copy with ``export_graph``."""
-    prefer_mmap()
     model = load_model(path, allow_quantized=False, load_external=False)
+    if weight_bytes(model) >= FILE_ROUTE_BYTES:
+        prefer_mmap()
     graph = to_graph(model, base=Path(path).parent)
     skeleton = detach_weights(model, graph)
     del model  # the loaded proto, and with it the proto's copy of the weights
@@ -183,7 +185,8 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
         def gib(n: float) -> str:
             return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
-        raise UserError(f"curvature statistics need about {gib(sum(need.values()))} ({worst}: "
+        label = {"executor": "PyTorch weights + gradients"}.get(worst, worst)
+        raise UserError(f"curvature statistics need about {gib(sum(need.values()))} ({label}: "
                         f"{gib(need[worst])}) but the limit is {gib(limit)}; use a "
                         "lighter criterion (taylor, fisher, kron-obd/kron-obs instead of woodfisher), "
                         "--no-compensate, or raise --max-memory")

@@ -34,12 +34,12 @@ def _module():
 
 
 @pytest.mark.skipif(os.environ.get("GRAPHPRUNE_SLOW", "") in ("", "0"),
-                    reason="slow (several minutes, ~20 GB RAM): set GRAPHPRUNE_SLOW=1")
+                    reason="slow (minutes, ~8 GB RAM): set GRAPHPRUNE_SLOW=1")
 def test_prune_model_over_2gb(tmp_path):
     if shutil.disk_usage(tmp_path).free < 8 * 2**30:
         pytest.skip("needs 8 GB of free disk")
-    if _free_ram_gb() < 20:
-        pytest.skip("needs 20 GB of free RAM")
+    if _free_ram_gb() < 10:
+        pytest.skip("needs 10 GB of free RAM")
     lm = _module()
     info = lm.build(tmp_path / "large.onnx")
     assert info["data_bytes"] > 2**31
@@ -53,3 +53,5 @@ def test_prune_model_over_2gb(tmp_path):
     assert sorted(p.name for p in out.iterdir()) in (["pruned.onnx"], ["pruned.onnx", "pruned.onnx.data"])
     onnx.checker.check_model(str(out / "pruned.onnx"), full_check=True)
     print(json.dumps({k: v for k, v in res.items() if k != "stderr"}))
+    # the weights are held once (plus the pruned model and transients): was 5.9x before
+    assert res["peak_rss_mb"] * 2**20 < 2.5 * info["data_bytes"], res["peak_rss_mb"]

@@ -106,10 +106,12 @@ class _Accumulator:
 
 
 def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8) -> dict[str, int]:
-    """Memory the statistics will hold (bytes), per kind, before anything is computed."""
-    out = {"kfac": 0, "fisher_diag": 0, "woodfisher": 0, "transient": 0}
+    """Memory the statistics will hold (bytes), per kind, before anything is computed. "executor" is
+    the PyTorch executor's float32 copy of the layer weights and their gradients."""
+    out = {"kfac": 0, "fisher_diag": 0, "woodfisher": 0, "executor": 0, "transient": 0}
     for v in views.values():
         c = v.cols + 1
+        out["executor"] += 2 * 4 * v.out * c
         if "kfac" in needs:
             out["kfac"] += 4 * (c * c + v.out * v.out)
         if "fisher_diag" in needs:
