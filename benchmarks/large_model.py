@@ -78,7 +78,8 @@ def run_prune(src, out, *extra: str, timeout: float = 1800) -> dict:
                        cwd=ROOT, env={**os.environ, "GRAPHPRUNE_QUIET": "1"})
     rc, seconds, rss_kb = r.stdout.split()[-3:]
     return {"rc": int(rc), "seconds": round(float(seconds), 1), "peak_rss_mb": round(int(rss_kb) / 1024),
-            "stderr": r.stderr, "command": " ".join(["graphprune", *cmd[4:]])}
+            "stderr": r.stderr,
+            "command": " ".join(["graphprune", *cmd[4:]]).replace(str(Path(src).parent), "DIR")}
 
 
 def main() -> None:
@@ -105,7 +106,8 @@ def main() -> None:
               "timings": report.get("timings"), "params_after": report["totals"]["params_after"],
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
-              "peak_rss_of": "the graphprune child process (getrusage RUSAGE_CHILDREN ru_maxrss)"}
+              "peak_rss_of": "the graphprune child process (getrusage RUSAGE_CHILDREN ru_maxrss)",
+              "peak_rss_over_weights": round(res["peak_rss_mb"] * 2**20 / info["data_bytes"], 2)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if not args.keep:

@@ -1,8 +1,11 @@
 """Loading ONNX models safely and writing them atomically."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -428,6 +431,23 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, src: str | os
         raise
 
 
+@contextlib.contextmanager
+def _interrupt_deferred():
+    """Hold Ctrl-C (SIGINT) until the block is done; it is raised right after. Main thread only
+    (where Python delivers signals); elsewhere the block simply runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _save_external(model: onnx.ModelProto, out: Path, folder: Path, *, src=None, force: bool = False) -> None:
     data = out.with_name(out.name + ".data")
     if data.is_dir():
@@ -446,8 +466,9 @@ def _save_external(model: onnx.ModelProto, out: Path, folder: Path, *, src=None,
             _default_mode(fd)
             os.close(fd)
         write_model_files(model, tmp_m, tmp_d, data.name)
-        os.replace(tmp_d, data)
-        os.replace(tmp_m, out)
+        with _interrupt_deferred():  # never a new OUT.data beside the old OUT (or the reverse)
+            os.replace(tmp_d, data)
+            os.replace(tmp_m, out)
     except BaseException:
         for tmp in tmps:
             if os.path.exists(tmp):

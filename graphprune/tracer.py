@@ -185,6 +185,8 @@ def _weightless(g: gs.Graph) -> list:
             continue
         try:
             dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+            if getattr(t, "export_dtype", t.dtype) != t.dtype:  # e.g. bfloat16 held as float32: gs converts
+                continue
         except Exception:  # types numpy does not know: keep the values
             continue
         stub = onnx.TensorProto(name=t.name, dims=list(t.shape), data_location=onnx.TensorProto.EXTERNAL,

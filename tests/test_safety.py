@@ -328,3 +328,30 @@ def test_same_seed_byte_identical(tmp_path, extra):
         assert rc == 0, err
         outs.append((d / name).read_bytes())
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_ctrl_c_between_the_two_renames_leaves_a_matching_pair(tmp_path, monkeypatch):
+    """SIGINT arriving after OUT.data was renamed into place is held until OUT is renamed too: the
+    folder never holds a new OUT.data beside the old OUT."""
+    model = onnx.load(str(RESNET))
+    gio.save_model(model, tmp_path / "p.onnx", external_data=True)
+    old_data = (tmp_path / "p.onnx.data").read_bytes()
+    w = max(model.graph.initializer, key=lambda t: len(t.raw_data))  # stored in OUT.data
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+    real_replace, calls = os.replace, []
+
+    def replace(a, b):
+        real_replace(a, b)
+        calls.append(b)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(gio.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        gio.save_model(model, tmp_path / "p.onnx", external_data=True, force=True)
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.onnx", "p.onnx.data"]
+    assert (tmp_path / "p.onnx.data").read_bytes() != old_data
+    again = onnx.load(str(tmp_path / "p.onnx"))
+    np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in again.graph.initializer if t.name == w.name)),
+                                  numpy_helper.to_array(w))
