@@ -87,7 +87,6 @@ def test_taylor_equals_squared_gate_derivative(batches):
                 w[:, c] *= z
                 vals.append(ce(run(with_w2(model, w), {"x": x[sl]})[0].astype(np.float64), labels[sl]))
             expected[c] += ((vals[0] - vals[1]) / (2 * eps)) ** 2 / batches
-    units = g.units
     order = [int(tr.unit_pos[tr.roots[ids]]) for ids in tr.state.infos["h"].ids]  # unit of hidden channel c
     np.testing.assert_allclose(score[order], expected, rtol=2e-2, atol=1e-7)
 

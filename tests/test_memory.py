@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,6 @@ from graphprune.pipeline import load_and_trace
 from graphprune.planner import Budget, make_plan
 from graphprune.rewriter import apply_plan, masked_original, masked_view
 from graphprune.runtime import GraphModel, random_inputs, session
-from samples import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 RESNET = ROOT / "samples" / "digits_resnet.onnx"
