@@ -721,10 +721,16 @@ def _topo_order(graph: gs.Graph) -> list:
 
 
 class TorchGraph(torch.nn.Module):
-    """An ONNX graph as a differentiable torch module; ``forward`` returns all graph outputs in order."""
+    """An ONNX graph as a differentiable torch module; ``forward`` returns all graph outputs in order.
 
-    def __init__(self, graph, *, trainable: Iterable[str] | None = None, device="cpu"):
+    ``share_weights=True`` (CPU only) wraps float32 constants of the graph without copying them: the
+    module then reads the graph's own arrays (memory for huge models), and ``set_weights`` refuses
+    to run, since it would write into the graph."""
+
+    def __init__(self, graph, *, trainable: Iterable[str] | None = None, device="cpu", share_weights: bool = False):
         super().__init__()
+        share_weights = bool(share_weights) and torch.device(device).type == "cpu"
+        self.shares_weights = share_weights
         if isinstance(graph, onnx.ModelProto):
             from graphprune.tracer import to_graph
 
@@ -766,7 +772,12 @@ class TorchGraph(torch.nn.Module):
         self._buffer_attr: dict[str, str] = {}
         wanted = set(trainable)
         for name, t in constants.items():
-            value = _tensor(_const_array(t))
+            arr = _const_array(t)
+            if (share_weights and isinstance(arr, np.ndarray) and arr.dtype == np.float32 and arr.ndim
+                    and arr.flags.writeable and arr.flags.c_contiguous):
+                value = torch.from_numpy(arr)  # the graph's own memory (nothing writes to it)
+            else:
+                value = _tensor(arr)
             if name in wanted:
                 if not value.is_floating_point():
                     raise TypeError(f"constant {name!r} is not floating point and cannot be trainable")
@@ -830,6 +841,9 @@ class TorchGraph(torch.nn.Module):
 
     def set_weights(self, values: dict[str, np.ndarray]) -> None:
         """Overwrite parameters / constants (by initializer name) in place."""
+        if self.shares_weights:
+            raise RuntimeError("this TorchGraph shares its weights with the graph (share_weights=True); "
+                               "build it with share_weights=False to overwrite them")
         with torch.no_grad():
             for name, value in values.items():
                 dst = self._constant(name)

@@ -178,7 +178,7 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
     data = load_calib(model, config.calib, config.samples, config.seed)
     loss_kind = resolve_loss(config.loss, data, tr.state.cost_shape(tr.graph.outputs[0]))
     ctx.views = layer_views(tr.graph, tr.state)
-    need = estimate_bytes(ctx.views, needs)
+    need = estimate_bytes(ctx.views, needs, weights_shared=str(config.device).split(":")[0] == "cpu")
     limit = config.max_memory or int(0.8 * (available_bytes() or 1 << 60))
     if sum(need.values()) > limit:
         worst = max((k for k in need if k != "transient"), key=need.get)
@@ -192,7 +192,7 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
                         "--no-compensate, or raise --max-memory")
     try:
         tg = TorchGraph(tr.graph, trainable=[n for v in ctx.views.values() for n in (v.weight, v.bias) if n],
-                        device=config.device)
+                        device=config.device, share_weights=True)  # on CPU: no second copy of the weights
     except UnsupportedOpError as exc:
         raise UserError(f"{exc}; use a weights-only criterion (magnitude) for this model") from None
     ctx.stats = collect(tg, ctx.views, data, loss_kind, needs, batch_size=config.batch_size,
@@ -211,6 +211,7 @@ def _score(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget: Budge
     t = time.perf_counter()
     scores = criterion.score(ctx)
     timings[tag + "score"] = time.perf_counter() - t
+    trim()  # the executor, its gradients and activations are gone
     return criterion, method, ctx, scores, meta
 
 

@@ -349,3 +349,24 @@ def test_single_ops_match_onnxruntime(case):
     out = [t for t in tg(x) if t.is_floating_point()]
     sum(t.sum() for t in out).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_share_weights_reads_the_graph_arrays_without_copying():
+    from graphprune.tracer import detach_weights, to_graph
+
+    model = _mlp()
+    graph = to_graph(model)
+    detach_weights(model, graph)
+    arrays = {t.name: t.values for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    shared, copied = TorchGraph(graph, share_weights=True), TorchGraph(graph)
+    assert shared.shares_weights and not copied.shares_weights
+    for name in ("W", "W2", "b2"):
+        assert np.shares_memory(shared.param(name).detach().numpy(), arrays[name])
+        assert not np.shares_memory(copied.param(name).detach().numpy(), arrays[name])
+    x = np.random.default_rng(6).standard_normal((3, 4)).astype(np.float32)
+    out = shared(x=x)[0]
+    out.square().sum().backward()  # gradients never touch the shared values
+    torch.testing.assert_close(out, copied(x=x)[0])
+    np.testing.assert_array_equal(arrays["W"], numpy_helper.to_array(model.graph.initializer[0]))
+    with pytest.raises(RuntimeError, match="shares its weights"):
+        shared.set_weights({"W2": np.zeros((3, 6), np.float32)})

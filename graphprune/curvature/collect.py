@@ -105,13 +105,15 @@ class _Accumulator:
         st.finv -= torch.einsum("oki,okl->oil", U, torch.linalg.solve(K, U))
 
 
-def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8) -> dict[str, int]:
+def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8, *,
+                   weights_shared: bool = False) -> dict[str, int]:
     """Memory the statistics will hold (bytes), per kind, before anything is computed. "executor" is
-    the PyTorch executor's float32 copy of the layer weights and their gradients."""
+    the PyTorch executor's gradients of the layer weights, plus its copy of the weights unless it
+    shares the graph's arrays (``weights_shared``, on CPU)."""
     out = {"kfac": 0, "fisher_diag": 0, "woodfisher": 0, "executor": 0, "transient": 0}
     for v in views.values():
         c = v.cols + 1
-        out["executor"] += 2 * 4 * v.out * c
+        out["executor"] += (1 if weights_shared else 2) * 4 * v.out * c
         if "kfac" in needs:
             out["kfac"] += 4 * (c * c + v.out * v.out)
         if "fisher_diag" in needs:
