@@ -91,20 +91,25 @@ def to_graph(model: onnx.ModelProto, *, fold: bool = True, base=None) -> gs.Grap
     if base is not None:
         _read_external_constants(graph, base)
     if fold and any(n.op in _FOLDABLE_HINTS for n in graph.nodes):
+        swapped: list = []
         try:
             graph.fold_constants(error_ok=True, flatten_subgraphs=False).cleanup()
             # re-import for the shapes of tensors whose shape was computed; the weights do not make
             # the round trip (stubs in the exported copy, the same values put back after import)
-            weights = {t.name: values for t, values in _weightless(graph)}
+            swapped = _weightless(graph)
+            weights = {t.name: values for t, values in swapped}
             folded = gs.export_onnx(graph, do_type_check=False)
             folded.ir_version = model.ir_version
             del folded.opset_import[:]
             folded.opset_import.extend(model.opset_import)
-            graph = gs.import_onnx(infer(folded))
-            for name, t in graph.tensors().items():
+            reimported = gs.import_onnx(infer(folded))
+            for name, t in reimported.tensors().items():
                 if name in weights and isinstance(t, gs.Constant):
                     t._values = weights[name]
-        except Exception as exc:  # folding is an optimisation only
+            graph = reimported
+        except Exception as exc:  # folding is an optimisation only: go on with the graph as folded
+            for t, values in swapped:
+                t._values = values
             log.warn(f"constant folding skipped ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
     seen: set[str] = set()
     for i, node in enumerate(graph.nodes):

@@ -170,3 +170,31 @@ def test_pruning_peak_memory_is_bounded(tmp_path):
     print(f"weights {weights_mb:.0f} MB, peak {peak_mb:.0f} MB, interpreter {base_mb:.0f} MB, "
           f"used {used:.0f} MB = {used / weights_mb:.2f}x")
     assert used < 2.25 * weights_mb, f"pruning used {used:.0f} MB for {weights_mb:.0f} MB of weights"
+
+
+def test_failed_fold_round_trip_keeps_the_weights(monkeypatch):
+    """If re-importing the folded graph fails, tracing goes on with the folded graph, whose weights
+    were stubbed for the round trip: they must be back (never a stub left in a graph)."""
+    import graphprune.tracer as tracer
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).standard_normal((64, 300)).astype(np.float32)  # 75 KB: a weight
+    nodes = [helper.make_node("Identity", ["w"], ["wi"], name="id"),
+             helper.make_node("Gemm", ["x", "wi"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 300])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    real, calls = gs.import_onnx, []
+
+    def flaky(m):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("re-import failed")
+        return real(m)
+
+    monkeypatch.setattr(tracer.gs, "import_onnx", flaky)
+    g = tracer.to_graph(model)
+    assert len(calls) == 2
+    consts = [t for t in g.tensors().values() if isinstance(t, gs.Constant) and t.values.size == w.size]
+    assert consts and all(np.array_equal(t.values.reshape(w.shape), w) for t in consts)
