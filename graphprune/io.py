@@ -74,7 +74,7 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, check: boo
     anything is read. The checker runs on the file, never on a serialized copy of the loaded proto
     (which would double the memory, and fail over 2 GB). ``allow_quantized=False`` refuses quantized
     graphs (prune/inspect). ``load_external=False`` leaves external tensors on disk: the caller reads
-    them with :func:`read_external` (tracer.detach_weights does, one tensor at a time)."""
+    them with :func:`read_external` (``tracer.to_graph(model, base=folder)`` does, one tensor at a time)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such file")
