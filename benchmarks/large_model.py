@@ -64,8 +64,8 @@ def build(path: str | os.PathLike, hidden: int = 12288, layers: int = 5, seed: i
     return {"params": int(params), "data_bytes": int(data_bytes), "hidden": hidden, "layers": layers}
 
 
-def run_prune(src, out, *extra: str, timeout: float = 1800) -> dict:
-    """`graphprune prune` in a child process: exit code, stderr, wall time and the child's peak RSS."""
+def run_graphprune(*args: str, timeout: float = 1800) -> dict:
+    """`graphprune ARGS` in a child process: exit code, stderr, wall time and the child's peak RSS."""
     code = ("import resource, subprocess, sys, time\n"
             "t = time.perf_counter()\n"
             "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
@@ -73,13 +73,19 @@ def run_prune(src, out, *extra: str, timeout: float = 1800) -> dict:
             "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
             "print(r.returncode, dt, rss)\n"
             "sys.stderr.write(r.stderr)\n")
-    cmd = [sys.executable, "-m", "graphprune.cli", "-q", "prune", str(src), "-o", str(out), *extra]
+    cmd = [sys.executable, "-m", "graphprune.cli", "-q", *map(str, args)]
     r = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, timeout=timeout,
                        cwd=ROOT, env={**os.environ, "GRAPHPRUNE_QUIET": "1"})
     rc, seconds, rss_kb = r.stdout.split()[-3:]
     return {"rc": int(rc), "seconds": round(float(seconds), 1), "peak_rss_mb": round(int(rss_kb) / 1024),
-            "stderr": r.stderr,
-            "command": " ".join(["graphprune", *cmd[4:]]).replace(str(Path(src).parent), "DIR")}
+            "stderr": r.stderr, "command": " ".join(["graphprune", *cmd[4:]])}
+
+
+def run_prune(src, out, *extra: str, timeout: float = 1800) -> dict:
+    """`graphprune prune SRC -o OUT EXTRA...` measured by run_graphprune (paths shown as DIR)."""
+    res = run_graphprune("prune", src, "-o", out, *extra, timeout=timeout)
+    res["command"] = res["command"].replace(str(Path(src).parent), "DIR")
+    return res
 
 
 def main() -> None:

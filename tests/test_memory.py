@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,17 +135,6 @@ def test_masked_view_zeroes_in_place_and_restores_even_on_error():
     assert len(pruned.graph.initializer) > 0
 
 
-def _peak_rss_mb(args: list[str]) -> tuple[int, float, str]:
-    code = ("import resource, subprocess, sys\n"
-            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-            "sys.stderr.write(r.stderr)\n")
-    r = subprocess.run([sys.executable, "-c", code, sys.executable, *args], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600, env={**os.environ, "GRAPHPRUNE_QUIET": "1"})
-    rc, kb = r.stdout.split()[-2:]
-    return int(rc), int(kb) / 1024, r.stderr
-
-
 def test_pruning_peak_memory_is_bounded(tmp_path):
     """A 270 MB model (weights in external data) pruned with verification: the peak resident memory
     above the interpreter's own (graphprune's imports, measured with `inspect` on a tiny model) stays
@@ -159,12 +145,12 @@ def test_pruning_peak_memory_is_bounded(tmp_path):
     weights_mb = info["data_bytes"] / 2**20
     tiny = tmp_path / "tiny.onnx"
     onnx.save(onnx.load(str(RESNET)), str(tiny))
-    rc, base_mb, err = _peak_rss_mb(["-m", "graphprune.cli", "-q", "inspect", str(tiny)])
-    assert rc == 0, err
-    rc, peak_mb, err = _peak_rss_mb(["-m", "graphprune.cli", "-q", "prune", str(tmp_path / "m.onnx"), "-o",
-                                     str(tmp_path / "p.onnx"), "--keep-channels", "0.5",
-                                     "--report", str(tmp_path / "r.json")])
-    assert rc == 0, err
+    base = lm.run_graphprune("inspect", tiny, timeout=600)
+    assert base["rc"] == 0, base["stderr"]
+    res = lm.run_prune(tmp_path / "m.onnx", tmp_path / "p.onnx", "--keep-channels", "0.5",
+                       "--report", tmp_path / "r.json", timeout=600)
+    assert res["rc"] == 0, res["stderr"]
+    base_mb, peak_mb = base["peak_rss_mb"], res["peak_rss_mb"]
     assert json.loads((tmp_path / "r.json").read_text())["verification"]["ok"]
     used = peak_mb - base_mb
     print(f"weights {weights_mb:.0f} MB, peak {peak_mb:.0f} MB, interpreter {base_mb:.0f} MB, "
