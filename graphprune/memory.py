@@ -41,9 +41,11 @@ def trim() -> None:
 _M_MMAP_THRESHOLD = -3
 
 
-def prefer_mmap(threshold: int = 1 << 20) -> None:
-    """Serve every allocation of ``threshold`` bytes or more with its own mapping (glibc's default
-    before its dynamic adjustment), so freeing a weight-sized buffer returns it to the system at once."""
+def prefer_mmap(threshold: int = 32 << 20) -> None:
+    """Serve every allocation of ``threshold`` bytes or more with its own mapping, so freeing a
+    weight-sized buffer returns it to the system at once. 32 MiB is the top of glibc's own dynamic
+    range: smaller buffers (activations during scoring) stay on the fast heap; 1 MiB made the
+    statistics pass on ResNet-50 30% slower (page faults on every fresh mapping)."""
     global _active
     _active = True
     libc = _libc()
