@@ -138,9 +138,9 @@ def _read_external_constants(graph: gs.Graph, base) -> None:
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
     from .io import read_external
+    from .validate import _WEIGHT_OPS
 
-    weights = {t.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-               for t in n.inputs[1:]}
+    weights = {t.name for n in graph.nodes if n.op in _WEIGHT_OPS for t in n.inputs[1:]}
     for t in _constants(graph):
         lazy = t._values
         if (isinstance(lazy, LazyValues) and isinstance(lazy.tensor, onnx.TensorProto)
