@@ -367,24 +367,31 @@ def _field_key(message, field: str) -> bytes:
     return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
 
 
+def _split_at(message, field: str):
+    """Two copies of ``message`` without ``field``: the fields numbered below it, and those above."""
+    number = message.DESCRIPTOR.fields_by_name[field].number
+    before, after = type(message)(), type(message)()
+    _copy_fields(message, before, skip=tuple(f.name for f in message.DESCRIPTOR.fields if f.number >= number))
+    _copy_fields(message, after, skip=tuple(f.name for f in message.DESCRIPTOR.fields if f.number <= number))
+    return before.SerializeToString(), after.SerializeToString()
+
+
 def write_serialized(model: onnx.ModelProto, fh) -> None:
-    """Write ``model`` as protobuf bytes that parse to the same message, one initializer at a time:
-    the model without its initializers first, then each initializer appended to the graph field
-    (protobuf concatenates repeated fields), so memory holds one tensor's bytes, not the model's."""
-    head = onnx.ModelProto()
-    _copy_fields(model, head, skip=("graph",))
-    graph = onnx.GraphProto()
-    _copy_fields(model.graph, graph, skip=("initializer",))
-    graph_bytes = graph.SerializeToString()
+    """Write ``model`` as the bytes ``model.SerializeToString()`` gives (fields in number order), one
+    initializer at a time, so memory holds one tensor's bytes, not the whole model's."""
+    model_head, model_tail = _split_at(model, "graph")
+    graph_head, graph_tail = _split_at(model.graph, "initializer")
     key = _field_key(model.graph, "initializer")
     sizes = [t.ByteSize() for t in model.graph.initializer]
-    length = len(graph_bytes) + sum(len(key) + len(_varint(n)) + n for n in sizes)
-    fh.write(head.SerializeToString())
-    fh.write(_field_key(model, "graph") + _varint(length) + graph_bytes)
+    length = len(graph_head) + len(graph_tail) + sum(len(key) + len(_varint(n)) + n for n in sizes)
+    fh.write(model_head)
+    fh.write(_field_key(model, "graph") + _varint(length) + graph_head)
     for tensor, size in zip(model.graph.initializer, sizes):
         data = tensor.SerializeToString()
         assert len(data) == size
         fh.write(key + _varint(size) + data)
+    fh.write(graph_tail)
+    fh.write(model_tail)
 
 
 def _default_mode(fd: int) -> None:

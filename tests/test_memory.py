@@ -184,3 +184,14 @@ def test_failed_fold_round_trip_keeps_the_weights(monkeypatch):
     assert len(calls) == 2
     consts = [t for t in g.tensors().values() if isinstance(t, gs.Constant) and t.values.size == w.size]
     assert consts and all(np.array_equal(t.values.reshape(w.shape), w) for t in consts)
+
+
+def test_streamed_write_gives_the_bytes_of_serialize_to_string(tmp_path):
+    """save_model writes one initializer at a time; the file must be exactly what SerializeToString
+    (and onnx.save) would write, also for a pruned model whose graph has fields after the initializers."""
+    skeleton, tr = load_and_trace(MOBILENET)
+    pruned = gio.infer_shapes(apply_plan(tr, _random_plan(tr), skeleton))
+    assert len(pruned.graph.value_info) > 0
+    for model in (onnx.load(str(RESNET)), pruned):
+        gio.save_model(model, tmp_path / "m.onnx", force=True)
+        assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
