@@ -121,16 +121,21 @@ def machine_info(providers: list[str]) -> dict:
 
 def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int = 5, runs: int = 30,
               min_time: float | None = None, io_binding: bool = False, threads: int | None = None,
-              seed: int = 0, clock=time.perf_counter_ns, on_run=None) -> dict:
+              seed: int = 0, clock=time.perf_counter_ns, on_run=None, input_shapes=None) -> dict:
     """Time every model at every batch size; see the module docstring for the method.
 
     `min_time` (seconds) keeps iterating past `runs` until that much time was spent per batch size.
-    `on_run(name, batch, phase, iteration)` is called after each inference ("warmup" or "timed")."""
+    `on_run(name, batch, phase, iteration)` is called after each inference ("warmup" or "timed").
+    `input_shapes` (``--input-shape`` strings or {input: dims}) sets the input size of models with
+    dynamic dims; the first model's resolved size is used for every model (same inputs for all)."""
     if not models:
         raise UserError("no models to benchmark")
     if warmup < 0 or runs < 1 or any(int(b) < 1 for b in batches) or (threads is not None and threads < 1):
         raise UserError("warmup must be >= 0; runs, threads and batch sizes must be >= 1")
     named = _named(models)
+    from .shapes import describe, resolve
+
+    shapes = resolve(named[0][1], input_shapes)
     providers = resolve_providers(provider)
     on_gpu = providers[0] != "CPUExecutionProvider"
     if io_binding and not on_gpu:
@@ -146,7 +151,8 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
         log.warn(f"onnxruntime could not start {providers[0]} and runs on {used[0]} instead")
     result = {"requested_provider": provider, "providers": used, "io_binding": io_binding,
               "settings": {"batches": [int(b) for b in batches], "warmup": warmup, "runs": runs,
-                           "min_time": min_time, "threads": threads, "seed": seed},
+                           "min_time": min_time, "threads": threads, "seed": seed,
+                           "input_shapes": describe(shapes)},
               "machine": machine_info(used), "models": entries, "results": [], "skipped": [], "notes": []}
     for batch in (int(b) for b in batches):
         active = []  # (index, name, run callable)
@@ -156,7 +162,7 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
                 result["skipped"].append({"model": name, "batch": batch, "reason": conflict})
                 result["notes"].append(f"{name}: batch {batch} skipped ({conflict})")
                 continue
-            active.append((i, name, _runner(sess, random_inputs(model, batch, seed), io_binding)))
+            active.append((i, name, _runner(sess, random_inputs(model, batch, seed, shapes=shapes), io_binding)))
         if not active:
             continue
         log.info(f"bench: batch {batch}, {len(active)} model(s), {warmup} warm-up + {runs} timed runs each")

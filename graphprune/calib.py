@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 
 from .errors import UserError
-from .runtime import input_specs
+from .runtime import _NP
+from .shapes import declared_inputs
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -25,7 +26,11 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def match_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
     """Map arrays to graph inputs by name (or the single array for a single-input model) and check them."""
-    specs = input_specs(model, batch=1)
+    specs = []
+    for name, dims, elem in declared_inputs(model):
+        if elem not in _NP:
+            raise UserError(f"input {name!r} has an unsupported element type")
+        specs.append((name, dims, _NP[elem]))
     data = {k: v for k, v in arrays.items() if k != "labels"}
     if len(specs) == 1 and specs[0][0] not in data and len(data) == 1:
         data = {specs[0][0]: next(iter(data.values()))}
@@ -35,8 +40,12 @@ def match_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray], path) ->
         if name not in data:
             raise UserError(f"{path}: no array for model input {name!r} (arrays: {', '.join(sorted(arrays)) or 'none'})")
         arr = data[name]
-        if arr.ndim != len(shape) or any(s not in (1, d) and s != d for s, d in zip(shape[1:], arr.shape[1:])):
-            raise UserError(f"{path}: array {name!r} has shape {tuple(arr.shape)}, model expects (N, {', '.join(map(str, shape[1:]))})")
+        if shape is not None and (arr.ndim != len(shape) or any(isinstance(s, int) and s != d
+                                                                for s, d in zip(shape[1:], arr.shape[1:]))):
+            want = ", ".join(str(s) if isinstance(s, int) else (s or "?") for s in shape[1:])
+            raise UserError(f"{path}: array {name!r} has shape {tuple(arr.shape)}, model expects (N, {want})")
+        if arr.ndim == 0 or arr.shape[0] == 0:
+            raise UserError(f"{path}: array {name!r} holds no samples")
         if not np.can_cast(arr.dtype, dtype, casting="same_kind"):
             raise UserError(f"{path}: array {name!r} has dtype {arr.dtype}, model expects {np.dtype(dtype)}")
         if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):

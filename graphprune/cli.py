@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,8 +71,19 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+INPUT_SHAPE_HELP = ("input size to count MACs, check and time at: 1,3,640,640 for a single-input model, "
+                    "NAME:1,3,640,640 (repeatable) for several; default: the --calib arrays' shapes, else the "
+                    "model's static dims (required for dynamic height/width/length)")
+
+
+def add_input_shape(p: argparse.ArgumentParser, help_text: str = INPUT_SHAPE_HELP) -> None:
+    p.add_argument("--input-shape", dest="input_shape", action="append", metavar="[NAME:]1,3,640,640",
+                   help=help_text)
+
+
 def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True) -> None:
     """Options shared by `prune` and `compress`."""
+    add_input_shape(pr)
     pr.add_argument("--criterion", default="magnitude",
                     help="magnitude (default), magnitude-l1, taylor, fisher, kron-obd, kron-obs, woodfisher")
     b = pr.add_mutually_exclusive_group(required=budget_required)
@@ -128,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("model")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--all", action="store_true", help="show every group (default: first 40)")
+    add_input_shape(ins)
+    ins.add_argument("--calib", metavar="FILE.npz", help="take the input size from these arrays' shapes")
 
     pr = sub.add_parser("prune", help="prune channels to a budget and write a smaller ONNX model")
     pr.add_argument("model")
@@ -140,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--report", required=True, metavar="REPORT.json")
     ve.add_argument("--rtol", type=_tolerance, default=1e-4)
     ve.add_argument("--seed", type=int, default=0)
+    add_input_shape(ve, "input size to check at (default: the size the report records, else the model's "
+                        "static dims); NAME:1,3,640,640 for several inputs")
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__package__}.commands.{name}").register(sub, COMMON)
     return p
@@ -148,11 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_inspect(args) -> int:
     from .pipeline import inspect
 
-    info = inspect(args.model)
+    info = inspect(args.model, args.input_shape, args.calib)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['model']}: opset {info['opset']}, {info['nodes']} nodes, MACs {_human(info['macs'])}, "
+    sizes = ", ".join(f"{n} {'x'.join(map(str, d))}" for n, d in info["input_shapes"].items())
+    upgraded = info.get("opset_upgraded")
+    opset = f"opset {info['opset']}" + (f" (upgraded from {upgraded['from']})" if upgraded else "")
+    print(f"{info['model']}: {opset}, {info['nodes']} nodes, MACs {_human(info['macs'])} at {sizes}, "
           f"params {_human(info['params'])}, traced in {info['trace_seconds']:.2f}s")
     print(f"{len(info['groups'])} groups, {info['prunable_groups']} prunable "
           f"({info['prunable_channels']} channels)")
@@ -197,7 +216,7 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
                        samples=args.samples, batch_size=args.batch_size, loss=args.loss,
                        compensate=args.compensate, damping=args.damping, device=args.device, steps=args.steps,
                        provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache,
-                       max_memory=args.max_memory)
+                       max_memory=args.max_memory, input_shapes=args.input_shape or None)
 
 
 def print_summary(rep: dict, output: str) -> None:
@@ -207,8 +226,11 @@ def print_summary(rep: dict, output: str) -> None:
           f"({t['params_ratio']:.1%}), {t['channels_removed']} channels removed")
     if "verification" in rep:
         v = rep["verification"]
+        sizes = "; ".join(", ".join(f"{n} {'x'.join(map(str, d))}" for n, d in size.items()) for size in v.get("sizes", []))
         print(f"verified against the masked original: max abs error {v['max_abs_error']:.2e}, "
-              f"max rel error {v['max_rel_error']:.2e}")
+              f"max rel error {v['max_rel_error']:.2e}{' at ' + sizes if sizes else ''}")
+        if v.get("second_size_skipped"):
+            print(f"note: second size skipped: {v['second_size_skipped']}")
     if rep.get("compensation"):
         print(f"weights compensated ({rep['compensation']}); curvature from {rep.get('samples')} samples "
               f"of {rep.get('calibration')} with the {rep.get('loss')} loss")
@@ -245,13 +267,15 @@ def _cmd_verify(args) -> int:
         raise UserError(f"{args.report}: not a JSON report ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(report, dict):
         raise UserError(f"{args.report}: not a graphprune report")
-    res = verify(args.original, args.pruned, report, rtol=args.rtol, seed=args.seed)
+    res = verify(args.original, args.pruned, report, rtol=args.rtol, seed=args.seed,
+                 input_shapes=args.input_shape or None)
     if not res["ok"]:
         reason = res.get("reason") or f"max rel error {res['max_rel_error']:.3e} > {res['rtol']:g}"
         print(f"MISMATCH: {reason}")
         return 1
+    sizes = "; ".join(", ".join(f"{n} {'x'.join(map(str, d))}" for n, d in size.items()) for size in res.get("sizes", []))
     print(f"OK: pruned model equals the masked original (max abs error {res['max_abs_error']:.2e}, "
-          f"max rel error {res['max_rel_error']:.2e})")
+          f"max rel error {res['max_rel_error']:.2e}{', at ' + sizes if sizes else ''})")
     return 0
 
 
@@ -261,7 +285,7 @@ COMMAND_MODULES: tuple[str, ...] = ("bench", "convert", "compress")
 #: argument helpers shared with command modules
 COMMON = {"ratio": _ratio, "tolerance": _tolerance, "human": _human, "same_file": _same_file,
           "add_prune_options": add_prune_options, "config_from_args": config_from_args,
-          "print_summary": print_summary}
+          "print_summary": print_summary, "add_input_shape": add_input_shape}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphprune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `graphprune inspect ... | head`: the reader left; not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ from .errors import UserError
 from . import log
 from .validate import (_PACKED, _all_tensors, _first_line, check_conv_groups, check_graph_names, check_tensor_sizes,
                        refuse_quantized, validate_model)
-from .validate import opset_of  # noqa: F401  (re-exported: callers load and ask the opset from one module)
+from .validate import MIN_OPSET, opset_of  # noqa: F401  (re-exported: callers load and ask the opset from one module)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 #: protobuf cannot serialize a message of 2 GiB or more; above this size a model is handled with
@@ -89,7 +89,19 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, check: boo
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise UserError(f"{p}: parsed, but holds no ONNX graph (is it really an .onnx model?)")
     external = _check_external_data(model, p.parent)
-    validate_model(model, str(p), check=check, path=p)
+    if 0 < opset_of(model) < MIN_OPSET:  # legacy opsets: upgraded with onnx's version converter
+        if not allow_quantized:
+            refuse_quantized(model, str(p))
+        if external:
+            try:
+                onnx.load_external_data_for_model(model, str(p.parent))
+            except Exception as exc:
+                raise UserError(f"{p}: cannot read external data ({_first_line(exc)})") from None
+            external = False
+        model = upgrade_opset(model, str(p))
+        validate_model(model, str(p), check=check)
+    else:
+        validate_model(model, str(p), check=check, path=p)
     if not allow_quantized:
         refuse_quantized(model, str(p))
     if external and load_external:
@@ -99,11 +111,93 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, check: boo
             raise UserError(f"{p}: cannot read external data ({_first_line(exc)})") from None
     check_tensor_sizes(model, str(p))
     check_graph_names(model, str(p))
+    _unknown_nonpositive_dims(model)
     lift_constant_nodes(model)
     check_conv_groups(model, str(p))
     if infer_shapes:
         model = infer(model)
     return model
+
+
+#: metadata key recording the opset a model was upgraded from (kept in the output as provenance)
+UPGRADED_KEY = "graphprune.opset_upgraded_from"
+
+
+def _unknown_nonpositive_dims(model: onnx.ModelProto) -> None:
+    """Input/output dims written as -1 or 0 (paddle2onnx, hand-edited files) mean "dynamic": make
+    them unknown dims, which is what onnxruntime and shape inference understand by that (onnxruntime
+    takes a literal 0 as a fixed size of 0)."""
+    for vi in [*model.graph.input, *model.graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    d.ClearField("dim_value")
+
+
+def upgraded_from(model: onnx.ModelProto) -> int | None:
+    """The opset load_model upgraded ``model`` from, or None."""
+    for prop in model.metadata_props:
+        if prop.key == UPGRADED_KEY:
+            try:
+                return int(prop.value)
+            except ValueError:
+                return None
+    return None
+
+
+def upgrade_opset(model: onnx.ModelProto, name: str, target: int = MIN_OPSET) -> onnx.ModelProto:
+    """A legacy model (opset 7-10, older ones too) upgraded to ``target`` with
+    ``onnx.version_converter``; says so on one line. A failed conversion is a one-line error naming
+    the op it stopped at."""
+    from onnx import version_converter
+
+    old = opset_of(model)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise UserError(f"{name}: fails onnx.checker ({_first_line(exc)})") from None
+    try:
+        upgraded = version_converter.convert_version(model, target)
+    except Exception as exc:
+        msg = _first_line(exc).split(": ")[-1]
+        node = _failing_node(model, target)
+        where = (f"stopped at {node.op_type} node {node.name!r}: {msg}" if node is not None and node.name
+                 else f"stopped at op {node.op_type}: {msg}" if node is not None else msg)
+        raise UserError(f"{name}: cannot upgrade opset {old} to {target} with onnx.version_converter "
+                        f"({where}); convert the model to opset {target} or newer with its exporter") from None
+    upgraded.ir_version = max(upgraded.ir_version, 6)
+    del upgraded.metadata_props[:]
+    upgraded.metadata_props.extend(p for p in model.metadata_props if p.key != UPGRADED_KEY)
+    upgraded.metadata_props.add(key=UPGRADED_KEY, value=str(old))
+    log.info(f"{name}: opset {old} upgraded to opset {target} (onnx.version_converter); "
+             f"the output is written at opset {target}")
+    return upgraded
+
+
+def _failing_node(model: onnx.ModelProto, target: int):
+    """The first node that onnx.version_converter cannot upgrade on its own (None if each can)."""
+    from onnx import version_converter
+
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        typed = model
+    g = typed.graph
+    types = {v.name: v for v in [*g.input, *g.value_info, *g.output]}
+    inits = {t.name: t for t in g.initializer}
+    for node in model.graph.node:
+        def vi(name):
+            return types.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+
+        ins = [n for n in node.input if n]
+        one = onnx.helper.make_graph([node], "one", [vi(n) for n in ins if n not in inits],
+                                     [vi(n) for n in node.output if n], [inits[n] for n in ins if n in inits])
+        m = onnx.helper.make_model(one, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        try:
+            version_converter.convert_version(m, target)
+        except Exception:
+            return node
+    return None
 
 
 def read_external(tensor: onnx.TensorProto, base: str | os.PathLike, name: str = "model", *,

@@ -52,7 +52,9 @@ def _widths(full: int) -> list[int]:
 
 
 class LatencyTable:
-    def __init__(self, provider: str = "cpu", batch: int = 8, cache: Path | None = None, runs: int = 15) -> None:
+    def __init__(self, provider: str = "cpu", batch: int = 8, cache: Path | None = None, runs: int = 15,
+                 shapes: dict | None = None) -> None:
+        self.shapes = shapes  # the model's input size ({input: dims}) for end-to-end measurements
         import onnxruntime as ort
 
         self.provider, self.batch, self.runs = provider, batch, runs
@@ -101,7 +103,7 @@ class LatencyTable:
         drift and background load hit both alike; at least ``runs`` pairs and ``min_seconds``."""
         from .runtime import random_inputs
 
-        feeds = random_inputs(dense, batch=self.batch, seed=0)
+        feeds = random_inputs(dense, batch=self.batch, seed=0, shapes=self.shapes)
         if not hasattr(self, "_dense") or self._dense[0] is not dense:
             self._dense = (dense, self._session(dense))
         sessions = [self._dense[1], self._session(pruned)]

@@ -22,6 +22,19 @@ from .runtime import GraphModel
 from .runtime import run, session
 from .tracer import Trace, detach_weights, to_graph, trace
 from .parity import compare
+from .shapes import describe as describe_shapes, resolve as resolve_shapes, second_size
+
+
+def _sizes_text(shapes: dict) -> str:
+    return ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items()) or "no inputs"
+
+
+def _upgrade_info(model: onnx.ModelProto) -> dict:
+    """{"opset_upgraded": {...}} when load_model upgraded a legacy opset (recorded in the metadata)."""
+    from .io import upgraded_from
+
+    old = upgraded_from(model)
+    return {"opset_upgraded": {"from": old, "to": opset_of(model)}} if old is not None else {}
 
 
 @dataclass
@@ -49,21 +62,34 @@ class PruneConfig:
     latency_batch: int = 8
     latency_cache: str | None = None
     latency_attempts: int = 5
+    #: the input size to count and check at: ``--input-shape`` strings or {input: dims}; None: the
+    #: calibration arrays' shapes, else the model's static dims (see graphprune.shapes.resolve)
+    input_shapes: object = None
 
 
-def load_and_trace(path: str | os.PathLike) -> tuple[onnx.ModelProto, Trace]:
-    """Load, validate and trace a model. Returns (skeleton, trace): the trace's graph holds the only
+def load_and_trace(path: str | os.PathLike, input_shapes=None, calib: str | None = None,
+                   hint=None) -> tuple[onnx.ModelProto, Trace]:
+    """Load, validate and trace a model at its input size (``input_shapes``: ``--input-shape``
+    strings or {input: dims}; else the shapes of the ``calib`` arrays; else the model's static dims;
+    see graphprune.shapes.resolve). Returns (skeleton, trace): the trace's graph holds the only
     copy of the weights (external data is read from its files straight into the graph's arrays); the
     ModelProto is weight-free and carries the signature, opset and metadata. Run the original with
     ``GraphModel(trace.graph, skeleton)``; export a copy with ``export_graph``."""
     model = load_model(path, allow_quantized=False, load_external=False)
+    shapes = resolve_shapes(model, input_shapes, calib, hint)
     if weight_bytes(model) >= FILE_ROUTE_BYTES:
         prefer_mmap()
     graph = to_graph(model, base=Path(path).parent)
     skeleton = detach_weights(model, graph)
     del model  # the loaded proto, and with it the proto's copy of the weights
     trim()
-    return skeleton, trace(graph, opset_of(skeleton))
+    return skeleton, trace(graph, opset_of(skeleton), shapes)
+
+
+def check_sizes(model: onnx.ModelProto, tr: Trace) -> dict:
+    """Keyword arguments for parity.compare: the trace's input size and, for models with dynamic
+    non-batch dims, a second valid size (stepped by the model's stride)."""
+    return {"shapes": tr.input_shapes, "second": second_size(model, tr.input_shapes, tr.state.static_shapes)}
 
 
 def signature(model: onnx.ModelProto) -> dict:
@@ -77,6 +103,17 @@ def signature(model: onnx.ModelProto) -> dict:
 
     inits = {i.name for i in model.graph.initializer}
     return {"inputs": sig(v for v in model.graph.input if v.name not in inits), "outputs": sig(model.graph.output)}
+
+
+def _keep_signature(pruned: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give the pruned model the original's declared outputs (symbolic dims included): channels that
+    reach an output are frozen, so the outputs are the same tensors; shape inference on the rewritten
+    graph may only have resolved a symbolic dim the original declares (e.g. at a static input)."""
+    if [o.name for o in pruned.graph.output] == [o.name for o in model.graph.output]:
+        for dst, src in zip(pruned.graph.output, model.graph.output):
+            if dst.type.tensor_type.elem_type == src.type.tensor_type.elem_type:
+                dst.CopyFrom(src)
+    return pruned
 
 
 def describe_groups(tr: Trace, removed: dict[int, np.ndarray] | None = None) -> list[dict]:
@@ -106,15 +143,17 @@ def describe_groups(tr: Trace, removed: dict[int, np.ndarray] | None = None) -> 
     return out
 
 
-def inspect(path: str | os.PathLike) -> dict:
+def inspect(path: str | os.PathLike, input_shapes=None, calib: str | None = None) -> dict:
     t0 = time.perf_counter()
-    model, tr = load_and_trace(path)
+    model, tr = load_and_trace(path, input_shapes, calib)
     elapsed = time.perf_counter() - t0
     costs = model_costs(tr)
     groups = describe_groups(tr)
     return {
         "model": str(path),
         "opset": opset_of(model),
+        **_upgrade_info(model),
+        "input_shapes": describe_shapes(tr.input_shapes),
         "nodes": len(model.graph.node),
         "macs": costs["macs"],
         "params": costs["params"],
@@ -175,7 +214,7 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
     from .curvature.collect import available_bytes, estimate_bytes
 
     t = time.perf_counter()
-    data = load_calib(model, config.calib, config.samples, config.seed)
+    data = load_calib(model, config.calib, config.samples, config.seed, shapes=tr.input_shapes)
     loss_kind = resolve_loss(config.loss, data, tr.state.cost_shape(tr.graph.outputs[0]))
     ctx.views = layer_views(tr.graph, tr.state)
     need = estimate_bytes(ctx.views, needs, weights_shared=str(config.device).split(":")[0] == "cpu")
@@ -235,7 +274,7 @@ def _apply(model, tr: Trace, ctx, scores, criterion, method, meta: dict, config:
             compensated.append(name)
         timings[tag + "compensate"] = time.perf_counter() - t
     t = time.perf_counter()
-    pruned = infer_shapes(apply_plan(tr, removed_roots, model))
+    pruned = _keep_signature(infer_shapes(apply_plan(tr, removed_roots, model)), model)
     trim()  # the rewrite's sliced copies are in ``pruned`` now
     try:
         check_output(pruned)
@@ -247,7 +286,8 @@ def _apply(model, tr: Trace, ctx, scores, criterion, method, meta: dict, config:
     result = None
     if config.verify:
         t = time.perf_counter()
-        result = compare(lambda: masked_view(tr, removed_roots, model), pruned, seed=config.seed, rtol=config.rtol)
+        result = compare(lambda: masked_view(tr, removed_roots, model), pruned, seed=config.seed, rtol=config.rtol,
+                         **check_sizes(model, tr))
         trim()
         timings[tag + "verify"] = time.perf_counter() - t
         if not result["ok"]:
@@ -265,7 +305,7 @@ def _latency_round(model, tr: Trace, ctx, scores, criterion, method, meta, confi
     from .latency import LatencyTable
 
     t = time.perf_counter()
-    table = LatencyTable(config.provider, config.latency_batch, config.latency_cache)
+    table = LatencyTable(config.provider, config.latency_batch, config.latency_cache, shapes=tr.input_shapes)
     dense_model = export_graph(tr.graph.copy(), model)  # the original as deployed (before any compensation)
     ratio, attempts, best = budget.ratio, [], None
     for attempt in range(config.latency_attempts):
@@ -398,12 +438,12 @@ def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timin
     reference = GraphModel(ref_graph, model)
     new_graph = tr.graph.copy()
     layers = ed.rewrite(new_graph, ctx, kfes, ranks)
-    pruned = infer_shapes(export_graph(new_graph, model))
+    pruned = _keep_signature(infer_shapes(export_graph(new_graph, model)), model)
     check_output(pruned)
     if signature(pruned) != signature(model):
         raise RuntimeError("internal error: eigendamage changed the input/output signature")
     timings["rewrite"] = time.perf_counter() - t
-    after = model_costs(trace(to_graph(pruned), opset_of(pruned)))
+    after = model_costs(trace(to_graph(pruned), opset_of(pruned), tr.input_shapes))
     met = after["macs"] <= config.budget.ratio * before["macs"] * (1 + 1e-9)
     notes = []
     if not met:
@@ -413,6 +453,7 @@ def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timin
             raise UserError(msg + "; use --best-effort to accept it")
         notes.append(msg)
     report = {"graphprune": __version__, "input": str(path), "output": str(out), "criterion": "eigendamage",
+              "input_shapes": describe_shapes(tr.input_shapes), **_upgrade_info(model),
               "compensation": None, "budget": {"kind": "flops", "ratio": config.budget.ratio, "steps": 1},
               "budget_met": met, "notes": notes, **meta,
               "totals": {"macs_before": before["macs"], "macs_after": after["macs"],
@@ -422,7 +463,7 @@ def _eigendamage(path, out, config: "PruneConfig", report_path, model, tr, timin
               "layers": layers, "groups": describe_groups(tr)}
     if config.verify:
         t = time.perf_counter()
-        res = compare(reference, pruned, seed=config.seed, rtol=config.rtol)
+        res = compare(reference, pruned, seed=config.seed, rtol=config.rtol, **check_sizes(model, tr))
         timings["verify"] = time.perf_counter() - t
         report["verification"] = res
         if not res["ok"]:
@@ -448,8 +489,9 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     if config.provider not in ("cpu", "cuda", "tensorrt"):
         raise UserError(f"unknown --provider {config.provider!r} (cpu, cuda, tensorrt)")
     t = time.perf_counter()
-    model, tr = load_and_trace(path)
+    model, tr = load_and_trace(path, config.input_shapes, config.calib)
     timings["load_and_trace"] = time.perf_counter() - t
+    log.info(f"input size {_sizes_text(tr.input_shapes)}")
     if config.eval_data:  # bad data is a user error before any work, not after
         from .calib import load_labelled
 
@@ -483,7 +525,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         compensated.update(res.get("compensated_tensors", []))
         if "latency" in res:
             latency_info = res["latency"]
-        tr = trace(to_graph(current_model), opset_of(current_model))  # costs now, next round's trace
+        tr = trace(to_graph(current_model), opset_of(current_model), tr0.input_shapes)  # costs now, next round's trace
         current = model_costs(tr)
         rounds.append({"budget_ratio": budget.ratio, "macs": current["macs"], "params": current["params"],
                        "verification": res["verification"], "budget_met": res["plan"].budget_met})
@@ -499,6 +541,8 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         "output": str(out),
         "criterion": final["criterion"],
         "compensation": final["compensation"],
+        "input_shapes": describe_shapes(tr0.input_shapes),
+        **_upgrade_info(model),
         "budget": {"kind": config.budget.kind, "ratio": config.budget.ratio, "cap": config.budget.cap,
                    "round_to": config.budget.round_to, "steps": config.steps},
         "budget_met": final["plan"].budget_met,
@@ -526,7 +570,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
             # the report must let `graphprune verify` check ORIGINAL vs OUT on its own
             t = time.perf_counter()
             check = compare(expanded_pruned(tr0, tr0.removed_roots(removed), pruned, model), pruned,
-                            seed=config.seed, rtol=config.rtol)
+                            seed=config.seed, rtol=config.rtol, **check_sizes(model, tr0))
             timings["verify_expanded"] = time.perf_counter() - t
             if not check["ok"]:
                 raise VerificationError(f"pruned model does not match the original's channel structure "
@@ -538,12 +582,15 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
 
 
 def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: dict, *, rtol: float = 1e-4,
-           seed: int = 0) -> dict:
-    """Rebuild the masked original from ORIGINAL and the report, compare it with PRUNED."""
-    model, tr = load_and_trace(original)
+           seed: int = 0, input_shapes=None) -> dict:
+    """Rebuild the masked original from ORIGINAL and the report, compare it with PRUNED (at
+    ``input_shapes``, else the size the report records, else the model's static dims)."""
+    recorded = report.get("input_shapes") if isinstance(report.get("input_shapes"), dict) else None
+    model, tr = load_and_trace(original, input_shapes, hint=recorded)
     pruned = load_model(pruned_path)
     if report.get("criterion") == "eigendamage":
         return _verify_eigendamage(model, tr, pruned, report, rtol=rtol, seed=seed)
+    sizes = check_sizes(model, tr)
     groups = report.get("groups")
     if not isinstance(groups, list) or len(groups) != len(tr.groups):
         raise UserError("report does not describe this original model (group count differs)")
@@ -570,8 +617,8 @@ def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: 
         if bad:
             return {"ok": False, "reason": f"{len(bad)} initializers are not the original's slice for the "
                                           f"reported removal (e.g. {bad[0]!r})"}
-        return compare(expanded_pruned(tr, roots, pruned, model), pruned, seed=seed, rtol=rtol)
-    return compare(lambda: masked_view(tr, roots, model), pruned, seed=seed, rtol=rtol)
+        return compare(expanded_pruned(tr, roots, pruned, model), pruned, seed=seed, rtol=rtol, **sizes)
+    return compare(lambda: masked_view(tr, roots, model), pruned, seed=seed, rtol=rtol, **sizes)
 
 
 def _verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict, *, rtol: float, seed: int) -> dict:
@@ -599,4 +646,4 @@ def _verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict,
         if reason:
             return {"ok": False, "reason": reason}
         tensors[view.weight].values = ed.weights_from_bottleneck(values, entry, view).astype(np.float32)
-    return compare(GraphModel(graph, model), pruned, seed=seed, rtol=rtol)
+    return compare(GraphModel(graph, model), pruned, seed=seed, rtol=rtol, **check_sizes(model, tr))

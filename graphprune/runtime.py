@@ -122,27 +122,30 @@ def session(model, providers=("CPUExecutionProvider",), *, threads: int | None =
         raise UserError(f"{prefix}onnxruntime cannot load the model ({msg[:300]})") from None
 
 
-def input_specs(model: onnx.ModelProto, batch: int = 2) -> list[tuple[str, tuple[int, ...], type]]:
-    """(name, concrete shape, dtype) for each real graph input; dynamic dims: batch for axis 0, else 1."""
-    inits = {i.name for i in model.graph.initializer}
+def input_specs(model: onnx.ModelProto, batch: int = 2, shapes=None) -> list[tuple[str, tuple[int, ...], type]]:
+    """(name, concrete shape, dtype) for each real graph input. ``shapes`` ({name: dims}, see
+    graphprune.shapes.resolve) gives the size; the batch axis becomes ``batch`` where the model's
+    batch is dynamic. Without ``shapes`` the model's own dims are used, and a dynamic non-batch
+    dimension is a one-line error (never silently 1)."""
+    from .shapes import declared_inputs, resolve, with_batch
+
+    if shapes is None:
+        shapes = resolve(model)
+    sized = with_batch(shapes, model, batch)
     specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        if tt.elem_type not in _NP:
-            raise UserError(f"input {vi.name!r} has an unsupported element type")
-        shape = []
-        for axis, d in enumerate(tt.shape.dim):
-            shape.append(d.dim_value if d.HasField("dim_value") else (batch if axis == 0 else 1))
-        specs.append((vi.name, tuple(shape), _NP[tt.elem_type]))
+    for name, dims, elem in declared_inputs(model):
+        if elem not in _NP:
+            raise UserError(f"input {name!r} has an unsupported element type")
+        if name not in sized:
+            raise UserError(f"no size for input {name!r}; give it with --input-shape {name}:...")
+        specs.append((name, tuple(int(d) for d in sized[name]), _NP[elem]))
     return specs
 
 
-def random_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+def random_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0, shapes=None) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
-    for name, shape, dtype in input_specs(model, batch):
+    for name, shape, dtype in input_specs(model, batch, shapes):
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:

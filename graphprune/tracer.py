@@ -45,6 +45,8 @@ class Trace:
     unit_gid: np.ndarray  # per root id: its group (-1 if none)
     unit_pos: np.ndarray  # per root id: its index within the group
     opset: int
+    #: the size MACs were counted at and the checks run at: {input name: dims}, batch 1
+    input_shapes: dict = field(default_factory=dict)
 
     @property
     def members(self) -> list[Member]:
@@ -111,6 +113,7 @@ def to_graph(model: onnx.ModelProto, *, fold: bool = True, base=None) -> gs.Grap
             for t, values in swapped:
                 t._values = values
             log.warn(f"constant folding skipped ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    _dense_einsums(graph)
     seen: set[str] = set()
     for i, node in enumerate(graph.nodes):
         if not node.name or node.name in seen:
@@ -118,6 +121,42 @@ def to_graph(model: onnx.ModelProto, *, fold: bool = True, base=None) -> gs.Grap
         seen.add(node.name)
     graph.toposort()
     return graph
+
+
+def _dense_einsum(equation: str, weight_ndim: int) -> bool | None:
+    """For ``x, W`` with a 2-D W: None if the Einsum is not a dense layer over x's last axis, else
+    whether W is stored (out, in) (``...i,oi->...o``) rather than (in, out) (``...i,io->...o``)."""
+    eq = equation.replace(" ", "")
+    if weight_ndim != 2 or "->" not in eq or eq.count(",") != 1 or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    a, w = lhs.split(",")
+    if len(w) != 2 or not a or len(set(a)) != len(a) or len(out) != len(a):
+        return None
+    c = a[-1]
+    if c not in w or w[0] == w[1]:
+        return None
+    d = w[1] if w[0] == c else w[0]
+    if d in a or out != a[:-1] + d:
+        return None
+    return w[1] == c
+
+
+def _dense_einsums(graph: gs.Graph) -> None:
+    """Rewrite dense Einsums (``bi,io->bo``, ``bhwc,cd->bhwd``, tf2onnx's Dense layers) with a
+    constant 2-D weight as the equivalent MatMul, which every stage (channel rules, curvature,
+    latency tables) knows; the weight is transposed once where stored (out, in)."""
+    for node in graph.nodes:
+        if node.op != "Einsum" or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        w = node.inputs[1]
+        transposed = _dense_einsum(str(node.attrs.get("equation", "")), len(w.shape))
+        if transposed is None:
+            continue
+        if transposed:
+            node.inputs[1] = gs.Constant(f"{w.name}__in_out", np.ascontiguousarray(np.asarray(w.values).T))
+        node.op = "MatMul"
+        node.attrs = {}
 
 
 def _constants(graph: gs.Graph):
@@ -202,13 +241,14 @@ def _weightless(g: gs.Graph) -> list:
     return swapped
 
 
-def _static_shapes(graph: gs.Graph, opset: int) -> dict[str, list]:
-    """Shapes at batch 1 (what MACs are counted on): shape inference with every dynamic input dim
-    set to 1, or, where that leaves a layer's shape unknown, one onnxruntime run at batch 1."""
+def _static_shapes(graph: gs.Graph, opset: int, input_shapes: dict) -> dict[str, list]:
+    """Shapes at the model's input size, batch 1 (what MACs are counted on): shape inference with the
+    inputs fixed at ``input_shapes`` (graphprune.shapes.resolve), or, where that leaves a layer's
+    shape unknown, one onnxruntime run at that size."""
     g = graph.copy()
     for t in g.inputs:
-        if t.shape is not None:
-            t.shape = [d if isinstance(d, int) and d >= 0 else 1 for d in t.shape]
+        if t.name in input_shapes:
+            t.shape = [int(d) for d in input_shapes[t.name]]
     heavy = _weightless(g)  # infer on a copy without the weights
     try:
         model = gs.export_onnx(g, do_type_check=False)
@@ -237,18 +277,28 @@ def _static_shapes(graph: gs.Graph, opset: int) -> dict[str, list]:
         model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted if n not in have)
         sess = session(model)
         names = [o.name for o in sess.get_outputs()]
-        for name, value in zip(names, sess.run(None, random_inputs(model, batch=1))):
+        for name, value in zip(names, sess.run(None, random_inputs(model, batch=1, shapes=input_shapes))):
             out[name] = list(value.shape)
     except Exception as exc:
-        log.warn(f"could not measure shapes at batch 1 ({str(exc).splitlines()[0][:200] if str(exc) else exc!r}); "
+        log.warn(f"could not measure shapes at {_sizes(input_shapes)} ({str(exc).splitlines()[0][:200] if str(exc) else exc!r}); "
                  "MACs of some layers count as 0")
     return out
 
 
-def trace(graph: gs.Graph, opset: int) -> Trace:
+def _sizes(input_shapes: dict) -> str:
+    return ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in input_shapes.items()) or "no inputs"
+
+
+def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trace:
+    """Trace ``graph``. ``input_shapes`` ({input: dims}, graphprune.shapes.resolve) is the size MACs
+    are counted at; without it the graph's own dims serve (a dynamic non-batch dim is an error)."""
+    from .shapes import resolve
+
+    if input_shapes is None:
+        input_shapes = resolve(graph)
     st = TraceState()
     st.opset = opset
-    st.static_shapes = _static_shapes(graph, opset)
+    st.static_shapes = _static_shapes(graph, opset, input_shapes)
     for node in graph.nodes:
         rule = REGISTRY.get(node.op) if node.domain in _DEFAULT_DOMAINS else None
         has_info = any(st.info(t) is not None for t in node.inputs)
@@ -291,7 +341,9 @@ def trace(graph: gs.Graph, opset: int) -> Trace:
         st.freeze(m.ids, f"{m.tensor!r} is computed, not a constant")
     if computed:
         st.members[:] = [m for m in st.members if constant(m)]
-    return _build(graph, st, opset)
+    out = _build(graph, st, opset)
+    out.input_shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
+    return out
 
 
 def _build(graph: gs.Graph, st: TraceState, opset: int) -> Trace:
@@ -349,5 +401,7 @@ def _build(graph: gs.Graph, st: TraceState, opset: int) -> Trace:
     return Trace(graph, st, roots, groups, unit_gid, unit_pos, opset)
 
 
-def trace_model(model: onnx.ModelProto) -> Trace:
-    return trace(to_graph(model), opset_of(model))
+def trace_model(model: onnx.ModelProto, input_shapes=None) -> Trace:
+    from .shapes import resolve
+
+    return trace(to_graph(model), opset_of(model), resolve(model, input_shapes))

@@ -381,8 +381,15 @@ def _write_bad_inputs(d: Path) -> dict[str, Path]:
     m = onnx.load(str(SAMPLE))
     for imp in m.opset_import:
         if imp.domain in ("", "ai.onnx"):
-            imp.version = 9
-    put("opset9.onnx", m.SerializeToString())
+            imp.version = 5
+    put("opset5.onnx", m.SerializeToString())  # Conv-5 does not exist: the checker refuses it
+    # a legacy file onnx.version_converter cannot upgrade (BatchNormalization-7 with spatial=0)
+    bn_in = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])
+    bn_out = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 4, 4])
+    stats = [numpy_helper.from_array(np.ones(3, np.float32), n) for n in "sbmv"]
+    bn = helper.make_node("BatchNormalization", ["x", *"sbmv"], ["y"], spatial=0, name="bn_spatial0")
+    put("opset8_unconvertible.onnx", helper.make_model(helper.make_graph([bn], "g", [bn_in], [bn_out], stats),
+                                                       opset_imports=[helper.make_opsetid("", 8)]).SerializeToString())
     (d / "adir.onnx").mkdir()
     files["adir.onnx"] = d / "adir.onnx"
     files["missing.onnx"] = d / "missing.onnx"
@@ -399,7 +406,8 @@ BAD_MODELS = {
     "tensor2.onnx": "",
     "graphproto.onnx": "",
     "checker.onnx": "checker",
-    "opset9.onnx": "opset 9",
+    "opset5.onnx": "checker",
+    "opset8_unconvertible.onnx": "stopped at BatchNormalization node 'bn_spatial0'",
 }
 
 

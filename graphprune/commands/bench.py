@@ -20,6 +20,8 @@ def register(sub, common) -> None:
     p.add_argument("--io-binding", action="store_true", help="keep inputs/outputs on the GPU (CUDA/TensorRT)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--json", metavar="FILE", help="write the full result as JSON here")
+    common["add_input_shape"](p, "input size of the random inputs (batch replaced by --batch): 1,3,640,640, or "
+                                 "NAME:1,3,640,640 per input; required for dynamic height/width/length")
     p.set_defaults(run=lambda args: run(args, common))
 
 
@@ -69,13 +71,15 @@ def run(args, common) -> int:
     models = [(name, load_model(path)) for name, path in zip(_names(args.models), args.models)]
     log.info(f"bench: {len(models)} model(s), batches {','.join(map(str, batches))}, provider {args.provider}")
     res = benchmark(models, provider=args.provider, batches=batches, warmup=args.warmup, runs=args.runs,
-                    min_time=args.min_time, io_binding=args.io_binding, threads=args.threads, seed=args.seed)
+                    min_time=args.min_time, io_binding=args.io_binding, threads=args.threads, seed=args.seed,
+                    input_shapes=args.input_shape or None)
     for entry, path in zip(res["models"], args.models):
         entry["source"] = path
     res["speedups"] = {n: {str(b): s for b, s in per.items()} for n, per in speedups(res).items()}
     print(f"provider: {', '.join(res['providers'])} (requested {res['requested_provider']}"
           f"{', I/O binding' if res['io_binding'] else ''}); {res['machine']['cpu_count']} CPUs, "
-          f"onnxruntime {res['machine']['onnxruntime']}")
+          f"onnxruntime {res['machine']['onnxruntime']}; input "
+          + ", ".join(f"{n} {'x'.join(map(str, ['B', *d[1:]]))}" for n, d in res["settings"]["input_shapes"].items()))
     width = max(len("model"), *(len(m["name"]) for m in res["models"]))
     print(f"{'model':<{width}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'samples/s':>11} {'speed-up':>8}")
     first = res["models"][0]["name"]

@@ -38,8 +38,7 @@ def register(sub, common) -> None:
     p.add_argument("source", help="model.onnx, file.py:factory, a TorchScript file or a .pt2 ExportedProgram")
     p.add_argument("-o", "--output", required=True)
     common["add_prune_options"](p, budget_required=False)
-    c = p.add_argument_group("conversion (when SOURCE is not ONNX)")
-    c.add_argument("--input-shape", action="append", metavar="1,3,224,224", help="one per model input")
+    c = p.add_argument_group("conversion (when SOURCE is not ONNX; --input-shape, one per input, sets the export size)")
     c.add_argument("--weights", metavar="STATE_DICT.pt", help="state dict for a factory (weights_only=True)")
     c.add_argument("--exporter", choices=("torchscript", "dynamo"), default=None)
     c.add_argument("--opset", type=int, default=None)
@@ -98,8 +97,9 @@ def run(args, common) -> int:
             source = convert(args.source, os.path.join(tmp, "converted.onnx"), input_shapes=shapes or None,
                              weights=args.weights, exporter=exporter, opset=args.opset)
             print(f"converted {args.source} -> ONNX ({exporter} exporter)")
-        elif args.weights or args.input_shape:
-            raise UserError("--weights/--input-shape apply only when SOURCE is not an ONNX model")
+            cfg.input_shapes = None  # the export size is the converted model's (only the batch stays dynamic)
+        elif args.weights:
+            raise UserError("--weights applies only when SOURCE is not an ONNX model")
         reports = []
         staged = []
         for k, out in enumerate(outputs):
@@ -113,7 +113,7 @@ def run(args, common) -> int:
             if not args.no_bench:
                 res = benchmark([("dense", load_model(source)), ("pruned", load_model(tmp_out))],
                                 provider=args.provider, batches=batches, runs=args.bench_runs, warmup=5,
-                                io_binding=args.io_binding)
+                                io_binding=args.io_binding, input_shapes=rep["input_shapes"])
                 rows = []
                 by = {(r["model"], r["batch"]): r for r in res["results"]}
                 for bsz in batches:

@@ -31,13 +31,14 @@ class CalibData:
             yield feeds, labels
 
 
-def load_calib(model: onnx.ModelProto, path: str | None, samples: int, seed: int = 0) -> CalibData:
+def load_calib(model: onnx.ModelProto, path: str | None, samples: int, seed: int = 0,
+               shapes=None) -> CalibData:
     """Load `--calib FILE.npz` (first `samples` rows); without a file, Gaussian noise inputs (a
     fallback for structure-only checks: curvature from noise is not a substitute for real data)."""
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
     if path is None:
-        feeds = random_inputs(model, batch=samples, seed=seed)
+        feeds = random_inputs(model, batch=samples, seed=seed, shapes=shapes)
         return CalibData(feeds, None, "random (no --calib given)")
     arrays = load_npz(path)
     feeds = match_inputs(model, arrays, path)
