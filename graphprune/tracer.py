@@ -259,6 +259,8 @@ def _static_shapes(graph: gs.Graph, opset: int, input_shapes: dict) -> dict[str,
         return {}
     out = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if not vi.type.tensor_type.HasField("shape"):  # no shape is not a scalar shape
+            continue
         dims = vi.type.tensor_type.shape.dim
         out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     wanted = [t.name for n in graph.nodes if n.op in SOURCE_OPS for t in (n.inputs[0], n.outputs[0])]

@@ -164,8 +164,10 @@ class TraceState:
         if c is not None:
             return list(c.shape)
         shp = getattr(tensor, "shape", None)
-        if shp is None:
-            return None
+        if shp is None:  # shape inference gave up (a computed Reshape target): the rank measured at the
+            # model's input size is still the rank at every size; the dims stay unknown
+            static = self.static_shapes.get(getattr(tensor, "name", None) or "")
+            return None if static is None else [None] * len(static)
         return [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else (d if isinstance(d, str) and d else None)
                 for d in shp]
 

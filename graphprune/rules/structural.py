@@ -282,6 +282,68 @@ def _solve_one_dim(in_sym, out_sym):
     return out
 
 
+def _shape_elements(t, st: TraceState, depth: int = 0):
+    """What each entry of a computed 1-D shape tensor is: ("dim", T, k) for dimension k of tensor T
+    (read at run time through Shape), ("const", v), or None (computed otherwise). None when even the
+    length is unknown. Follows the Shape -> Slice/Gather -> Concat/Unsqueeze/Cast arithmetic that
+    exporters (paddle2onnx, the TorchScript exporter with dynamic axes) emit for sizes."""
+    c = st.const(t)
+    if c is not None:
+        return [("const", int(v)) for v in np.asarray(c).reshape(-1)] if c.ndim <= 1 else None
+    if depth > 16 or t is None or not getattr(t, "inputs", None):
+        return None
+    node = t.inputs[0]
+    op = node.op
+    if op == "Shape":
+        r = st.rank(node.inputs[0])
+        if r is None:
+            return None
+        start, end = int(attr(node, "start", 0)), attr(node, "end", None)
+        dims = list(range(r))[slice(start, None if end is None else int(end))]
+        return [("dim", node.inputs[0], k) for k in dims]
+    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+        inner = _shape_elements(node.inputs[0], st, depth + 1)
+        return inner if inner is not None and len(inner) <= 1 or op in ("Cast", "Identity") else None
+    if op == "Concat":
+        out = []
+        for x in node.inputs:
+            e = _shape_elements(x, st, depth + 1)
+            if e is None:
+                return None
+            out.extend(e)
+        return out
+    if op == "Gather":
+        e, idx = _shape_elements(node.inputs[0], st, depth + 1), st.const(node.inputs[1])
+        if e is None or idx is None or int(attr(node, "axis", 0)) != 0 or idx.ndim > 1:
+            return None
+        try:
+            return [e[int(i)] for i in np.asarray(idx).reshape(-1)]
+        except IndexError:
+            return None
+    if op == "Slice":
+        e = _shape_elements(node.inputs[0], st, depth + 1)
+        starts, ends = _int_list(st, node, 1, "starts"), _int_list(st, node, 2, "ends")
+        axes = _int_list(st, node, 3, "axes") if input_or_none(node, 3) is not None or "axes" in node.attrs else [0]
+        steps = _int_list(st, node, 4) if input_or_none(node, 4) is not None else [1]
+        if e is None or not starts or not ends or axes not in ([0], [-1]) or steps != [1]:
+            return None
+        n = len(e)
+        lo, hi = (max(-n, min(v, n)) for v in (starts[0], ends[0]))
+        return e[slice(lo, hi)]
+    if op in ("Mul", "Add", "Sub", "Div", "Floor", "Ceil", "Max", "Min"):  # same length, values computed
+        lengths = [len(e) for e in (_shape_elements(x, st, depth + 1) for x in node.inputs) if e is not None]
+        n = max(lengths) if lengths else None
+        return None if n is None else [None] * n
+    return None
+
+
+def _same_channels(st: TraceState, t, xi: ChannelInfo, axis: int) -> bool:
+    """Is dimension ``axis`` of ``t`` the channel axis of the channels ``xi`` describes?"""
+    ti = st.info(t)
+    return ti is not None and ti.axis == axis == xi.axis and len(ti.ids) == len(xi.ids) and \
+        np.array_equal(ti.ids, xi.ids)
+
+
 class ReshapeRule(Rule):
     """Reshape/Flatten that keep channels whole: [N,C,H,W]->[N,C*H*W] (a channel becomes a block of
     H*W features), [N,C,1,1]<->[N,C]. Splitting a channel axis (channel shuffle) freezes."""
@@ -298,6 +360,12 @@ class ReshapeRule(Rule):
             head, tail = in_shape[:ax], in_shape[ax:]
             out_shape = [None if None in head else int(np.prod(head or [1])),
                          None if None in tail else int(np.prod(tail or [1]))]
+        if node.op == "Reshape" and st.const(node.inputs[1]) is None and _copies_prefix(node, st, xi):
+            # a shape computed at run time that copies the dims up to the channel axis from the input
+            # itself (paddle2onnx: Concat(Shape(x)[0:2], [-1])): channel slices stay whole, and the
+            # pruned width arrives through Shape; nothing to rewrite
+            st.set(node.outputs[0], xi)
+            return
         m = _flatten_map(xi, in_shape, out_shape)
         tpl = None
         if m is not None and node.op == "Reshape":
@@ -316,6 +384,18 @@ class ReshapeRule(Rule):
         if 0 in new:
             node.attrs["allowzero"] = 0
         ctx.set_input(node, 1, np.array(new, dtype=np.int64))
+
+
+def _copies_prefix(node, st: TraceState, xi: ChannelInfo) -> bool:
+    elements = _shape_elements(node.inputs[1], st)
+    if elements is None or len(elements) <= xi.axis or int(attr(node, "allowzero", 0)):
+        return False
+    for k in range(xi.axis + 1):
+        e = elements[k]
+        if e is None or e[0] != "dim" or e[2] != k or not (e[1] is node.inputs[0] or _same_channels(st, e[1], xi, k)
+                                                            or k < xi.axis and e[1] is node.inputs[0]):
+            return False
+    return True
 
 
 class PadRule(Rule):
@@ -362,6 +442,12 @@ class ResizeRule(Rule):
             ok = s is not None and len(s) == r and int(s[xi.axis]) == len(xi)
             if ok:
                 st.needs_rewrite(node, self, xi.axis)
+            elif s is None:  # sizes computed at run time: fine when the channel entry is read off the
+                # input itself (or a tensor with the same channels) through Shape (paddle2onnx)
+                e = _shape_elements(sizes, st)
+                ch = e[xi.axis] if e is not None and len(e) == r else None
+                ok = ch is not None and ch[0] == "dim" and ch[2] == xi.axis and (
+                    ch[1] is node.inputs[0] or _same_channels(st, ch[1], xi, xi.axis))
         elif scales is not None:
             s = st.const(scales)
             ok = s is not None and s.size == r and float(s.reshape(-1)[xi.axis]) == 1.0

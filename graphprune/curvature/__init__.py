@@ -1,0 +1,1 @@
+"""Curvature statistics (K-FAC, per-sample gradients, WoodFisher) and OBS weight compensation."""
