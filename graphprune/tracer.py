@@ -185,6 +185,9 @@ def _read_external_constants(graph: gs.Graph, base) -> None:
         if (isinstance(lazy, LazyValues) and isinstance(lazy.tensor, onnx.TensorProto)
                 and lazy.tensor.data_location == onnx.TensorProto.EXTERNAL):
             t._values = read_external(lazy.tensor, base, str(base), is_weight=t.name in weights)
+            # onnx-graphsurgeon re-exports a constant with the data_location it was imported with:
+            # the values are in memory now (an export must not claim external data without a location)
+            t.data_location = None
 
 
 def detach_weights(model: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
@@ -301,6 +304,8 @@ def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trac
     st = TraceState()
     st.opset = opset
     st.static_shapes = _static_shapes(graph, opset, input_shapes)
+    # the batch the shapes were measured at (1 unless the model fixes its batch): costs are per sample
+    st.batch = next((int(s[0]) for s in input_shapes.values() if len(s) > 1), 1)
     for node in graph.nodes:
         rule = REGISTRY.get(node.op) if node.domain in _DEFAULT_DOMAINS else None
         has_info = any(st.info(t) is not None for t in node.inputs)
@@ -327,6 +332,14 @@ def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trac
                 if info is not None:
                     st.freeze(info.ids, f"{node.op} reads channels through a non-data input")
         rule.trace(node, st)
+    from .rules.layers import contraction_macs
+
+    for node in graph.nodes:  # Einsums that are not dense layers: counted at their full cost
+        if node.op == "Einsum" and node.domain in _DEFAULT_DOMAINS:
+            fixed = contraction_macs(st, node)
+            if fixed:
+                st.layer(node, fixed, None, 1, None, 1)
+    _check_shared_shape_constants(graph, st)
     for out in graph.outputs:
         info = st.info(out)
         if info is not None:
@@ -346,6 +359,41 @@ def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trac
     out = _build(graph, st, opset)
     out.input_shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
     return out
+
+
+def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
+    """Reshapes whose computed target shape gets one constant entry rewritten (head counts, merged
+    widths) may share that computation (the dynamo exporter reuses one Concat for the q, k and v
+    reshapes). Rewriting it in place is right only if every consumer of the shared computation is
+    such a Reshape and all of them keep the same units; otherwise their channels freeze."""
+    by_host: dict[str, list] = {}
+    for node, _rule, data in st.rewrites:
+        if isinstance(data, tuple) and data and data[0] == "entry":
+            by_host.setdefault(data[1][0], []).append((node, data))
+    if not by_host:
+        return
+    nodes = {n.name: n for n in graph.nodes}
+    roots = st.uf.roots()
+    for host, entries in by_host.items():
+        if host not in nodes:
+            continue
+        asking = {node.name for node, _ in entries}
+        # every node the host's outputs reach through shape arithmetic, up to the first non-shape use
+        frontier, terminals, seen = list(nodes[host].outputs), set(), set()
+        while frontier:
+            t = frontier.pop()
+            for c in t.outputs:
+                if c.op == "Reshape" and len(c.inputs) > 1 and c.inputs[1] is t:
+                    terminals.add(c.name)
+                elif c.op in ("Concat", "Unsqueeze", "Squeeze", "Cast", "Identity") and id(c) not in seen:
+                    seen.add(id(c))
+                    frontier.extend(c.outputs)
+                else:
+                    terminals.add(f"{c.op}:{c.name}")
+        units = {tuple(roots[np.asarray(d[2])].tolist()) + (d[3],) for _, d in entries}
+        if terminals - asking or len(units) > 1:
+            for _, d in entries:
+                st.freeze(np.asarray(d[2]), "a shape computation shared with other tensors carries the channel count")
 
 
 def _build(graph: gs.Graph, st: TraceState, opset: int) -> Trace:

@@ -2,7 +2,8 @@
 
 It shares nothing with graphprune.cost (no trace, no shape inference): every Conv, ConvTranspose,
 Gemm, MatMul and Einsum output becomes a graph output, the model runs once, and MACs are read off
-the produced shapes and the weights (batch 1)."""
+the produced shapes and the weights, at batch 1: every axis of a produced shape counts (tokens
+flattened into the rows of a Gemm, heads or windows folded into the batch axis)."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,6 +27,7 @@ def _inputs(model: onnx.ModelProto, sizes: dict) -> dict:
 
 def count_macs(path_or_model, sizes: dict) -> float:
     """MACs at ``sizes`` ({input: dims}, batch 1) counted from onnxruntime's produced shapes."""
+    assert all(s[0] == 1 for s in sizes.values()), "count at batch 1"
     model = onnx.load(path_or_model) if isinstance(path_or_model, str) else path_or_model
     model = onnx.ModelProto.FromString(model.SerializeToString())
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -59,17 +61,17 @@ def count_macs(path_or_model, sizes: dict) -> float:
         out = shapes[n.output[0]]
         if n.op_type == "Conv":
             w = shape(n.input[1])
-            total += np.prod(out[1:]) * np.prod(w[1:])
+            total += np.prod(out) * np.prod(w[1:])
         elif n.op_type == "ConvTranspose":
             w, x = shape(n.input[1]), shape(n.input[0])
-            total += np.prod(x[1:]) * np.prod(w[1:])
+            total += np.prod(x) * np.prod(w[1:])
         elif n.op_type == "Gemm":
             a = shape(n.input[0])
             k = a[0] if attrs.get("transA", 0) else a[1]
-            total += np.prod(out[1:]) * k
-        elif n.op_type == "MatMul":
+            total += np.prod(out) * k
+        elif n.op_type == "MatMul":  # every axis counts (heads folded into the batch axis: B*H)
             a = shape(n.input[0])
-            total += np.prod(out[1:]) * a[-1]
+            total += np.prod(out) * a[-1]
         else:  # Einsum: product of every letter's size once, batch letter at 1
             eq = attrs["equation"].decode() if isinstance(attrs["equation"], bytes) else attrs["equation"]
             lhs = eq.replace(" ", "").split("->")[0].split(",")
@@ -77,6 +79,5 @@ def count_macs(path_or_model, sizes: dict) -> float:
             for term, t in zip(lhs, n.input):
                 for letter, d in zip(term, shape(t)):
                     dims[letter] = d
-            dims[lhs[0][0]] = 1
             total += float(np.prod(list(dims.values())))
-    return float(total)  # axis 0 (the batch) is left out of every product above
+    return float(total)

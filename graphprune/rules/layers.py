@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Rule, TraceState, attr, input_or_none, uniform_along, zero_rows
+from .base import ChannelInfo, Rule, TraceState, attr, input_or_none, uniform_along, zero_rows
 
 
 def _prod(dims) -> int | None:
     if dims is None or any(d is None for d in dims):
         return None
     return int(np.prod(dims)) if len(dims) else 1
+
+
+def _per_sample(st: TraceState, shape) -> int:
+    """How many images per model sample the leading axis of ``shape`` holds (1, or e.g. windows/
+    frames folded into the batch axis), from the shapes at the model's input size."""
+    if not shape or not isinstance(shape[0], (int, np.integer)) or shape[0] < 1:
+        return 1
+    return max(1, int(shape[0]) // max(getattr(st, "batch", 1), 1))
 
 
 def _bias_vals(st: TraceState, node, index: int, zero: np.ndarray, tile: int = 1) -> np.ndarray:
@@ -41,7 +49,7 @@ class ConvRule(Rule):
         m, cg = w.shape[0], w.shape[1]
         out_shape = st.cost_shape(y)
         sp = _prod(out_shape[2:]) if out_shape else None
-        coef = (sp or 0) * int(np.prod(w.shape[2:]))
+        coef = (sp or 0) * int(np.prod(w.shape[2:])) * _per_sample(st, out_shape)
         has_b = input_or_none(node, 2) is not None
         zero = zero_rows(w, 0)
         if g == 1:
@@ -95,7 +103,7 @@ class ConvTransposeRule(Rule):
         c, mg = w.shape[0], w.shape[1]
         in_shape = st.cost_shape(node.inputs[0])
         sp = _prod(in_shape[2:]) if in_shape else None
-        coef = (sp or 0) * int(np.prod(w.shape[2:]))
+        coef = (sp or 0) * int(np.prod(w.shape[2:])) * _per_sample(st, in_shape)
         has_b = input_or_none(node, 2) is not None
         if g == 1:
             if xi is not None:
@@ -118,6 +126,34 @@ class ConvTransposeRule(Rule):
 
     def rewrite(self, node, ctx, data) -> None:
         node.attrs["group"] = ctx.kept_count(ctx.info(node.inputs[0]).ids)
+
+
+def contraction_macs(st: TraceState, node) -> int:
+    """MACs of a MatMul between two activations (or with a batched weight) or of an Einsum, from the
+    shapes at the model's input size: every output element costs one MAC per contracted index. The
+    model's batch counts as 1 (heads folded into the batch axis, nn.MultiheadAttention's
+    (B*H, T, D), still count). 0 when a shape is unknown."""
+    if node.op == "MatMul":
+        a, out = st.cost_shape(node.inputs[0]), st.cost_shape(node.outputs[0])
+        if not a or out is None or None in a or None in out:
+            return 0
+        total = int(np.prod(out, dtype=np.float64)) * int(a[-1])
+    elif node.op == "Einsum":
+        eq = attr(node, "equation", b"")
+        eq = (eq.decode() if isinstance(eq, bytes) else str(eq)).replace(" ", "")
+        if "->" not in eq or "." in eq:
+            return 0
+        sizes: dict[str, int] = {}
+        for term, t in zip(eq.split("->")[0].split(","), node.inputs):
+            shp = st.cost_shape(t)
+            if shp is None or len(shp) != len(term) or None in shp:
+                return 0
+            for letter, d in zip(term, shp):
+                sizes[letter] = max(sizes.get(letter, 1), int(d))
+        total = int(np.prod(list(sizes.values()), dtype=np.float64))
+    else:
+        return 0
+    return int(total // max(getattr(st, "batch", 1), 1))
 
 
 class GemmRule(Rule):
@@ -147,7 +183,10 @@ class GemmRule(Rule):
         st.member(node, 1, n_axis, out.ids, "out")
         if bias_per_channel:
             st.member(node, 2, c.ndim - 1, out.ids, "bias")
-        st.layer(node, 1, out.ids, n, None if ai is None else ai.ids, b.shape[k_axis])
+        a_shape = st.cost_shape(node.inputs[0])  # (rows, in): rows are batch x tokens when tokens are flattened
+        rows = int(a_shape[0]) if a_shape and len(a_shape) == 2 and isinstance(a_shape[0], int) else 1
+        rows = max(1, rows // max(getattr(st, "batch", 1), 1))
+        st.layer(node, rows, out.ids, n, None if ai is None else ai.ids, b.shape[k_axis])
 
 
 class MatMulRule(Rule):
@@ -157,16 +196,58 @@ class MatMulRule(Rule):
         b = st.const(node.inputs[1])
         a_shape = st.shape(node.inputs[0])
         cost_shape = st.cost_shape(node.inputs[0]) or a_shape
+        if b is None and self._heads(node, st):
+            return
         if b is None or b.ndim != 2 or a_shape is None or len(a_shape) < 2:
+            fixed = contraction_macs(st, node)  # QK^T, attention x V, batched weights: counted, kept whole
+            if fixed:
+                st.layer(node, fixed, None, 1, None, 1)
             return self.unknown(node, st, "MatMul without a constant 2-D weight")
         r = len(a_shape)
         ai = _input_info(st, node, r - 1, "MatMul reads channels on a non-contracted axis")
         if ai is not None:
             st.member(node, 1, 0, ai.ids, "in", ai.vals)
-        rows = [d or 1 for d in cost_shape[1:-1]]  # batch (axis 0) counted as 1
+        rows = [d or 1 for d in cost_shape[:-1]] + [1]  # every leading axis is rows (T-first layouts too)
+        rows[0] = max(1, rows[0] // max(getattr(st, "batch", 1), 1))  # per sample
         out = st.source(node, node.outputs[0], r - 1, b.shape[1], np.where(zero_rows(b, 1), 0.0, np.nan))
         st.member(node, 1, 1, out.ids, "out")
         st.layer(node, int(np.prod(rows)), out.ids, b.shape[1], None if ai is None else ai.ids, b.shape[0])
+
+
+    @staticmethod
+    def _heads(node, st: TraceState) -> bool:
+        """MatMul of two activations whose channels sit on a batch axis (attention heads: QK^T and
+        attention x V on (B, H, T, D)): the same head of both operands is coupled, the output keeps
+        the head axis, and the cost scales with the kept heads. False if it is not that case."""
+        ins = node.inputs[:2]
+        ranks = [st.rank(t) for t in ins]
+        ro = st.rank(node.outputs[0])
+        if None in ranks or ro is None or min(ranks) < 3:
+            return False
+        infos = [st.info(t) for t in ins]
+        axes = {i.axis + ro - r for i, r in zip(infos, ranks) if i is not None}
+        if len(axes) != 1:
+            return False
+        ax = axes.pop()
+        if ax >= ro - 2:  # channels on a row or contracted axis: a real contraction over them
+            return False
+        n = max(len(i) for i in infos if i is not None)
+        first = next(i for i in infos if i is not None)
+        for t, i, r in zip(ins, infos, ranks):
+            if i is None:
+                shp = st.shape(t)
+                if shp is None or ax - (ro - r) < 0 or shp[ax - (ro - r)] != 1:
+                    return False  # an operand with that axis but without traced heads
+            elif len(i) != n:
+                return False
+        for i in infos:
+            if i is not None and i is not first:
+                st.union(first.ids, i.ids)
+        st.set(node.outputs[0], ChannelInfo(ax, first.ids, np.full(n, np.nan)))
+        total = contraction_macs(st, node)
+        if total:
+            st.layer(node, max(1, total // n), first.ids, n, None, 1)
+        return True
 
 
 RULES = [ConvRule(), ConvTransposeRule(), GemmRule(), MatMulRule()]

@@ -282,18 +282,30 @@ def _solve_one_dim(in_sym, out_sym):
     return out
 
 
-def _shape_elements(t, st: TraceState, depth: int = 0):
+def _shape_elements(t, st: TraceState, depth: int = 0, host=None):
     """What each entry of a computed 1-D shape tensor is: ("dim", T, k) for dimension k of tensor T
     (read at run time through Shape), ("const", v), or None (computed otherwise). None when even the
     length is unknown. Follows the Shape -> Slice/Gather -> Concat/Unsqueeze/Cast arithmetic that
-    exporters (paddle2onnx, the TorchScript exporter with dynamic axes) emit for sizes."""
+    exporters (paddle2onnx, the TorchScript exporter with dynamic axes) emit for sizes. ``host``
+    (node name, input index) is where ``t`` is read; a constant entry then carries (node name,
+    input index, flat index) of the constant holding it, or None where that constant is shared."""
     c = st.const(t)
     if c is not None:
-        return [("const", int(v)) for v in np.asarray(c).reshape(-1)] if c.ndim <= 1 else None
+        if c.ndim > 1:
+            return None
+        return [("const", int(v), None if host is None else (host[0], host[1], k))
+                for k, v in enumerate(np.asarray(c).reshape(-1))]
     if depth > 16 or t is None or not getattr(t, "inputs", None):
         return None
     node = t.inputs[0]
     op = node.op
+    # a constant below can be rewritten in place; when the shape computation is shared by several
+    # consumers the tracer checks afterwards that all of them are Reshapes asking for the same value
+    exclusive = host is not None
+
+    def sub(i):
+        return _shape_elements(node.inputs[i], st, depth + 1, (node.name, i) if exclusive else None)
+
     if op == "Shape":
         r = st.rank(node.inputs[0])
         if r is None:
@@ -302,18 +314,19 @@ def _shape_elements(t, st: TraceState, depth: int = 0):
         dims = list(range(r))[slice(start, None if end is None else int(end))]
         return [("dim", node.inputs[0], k) for k in dims]
     if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
-        inner = _shape_elements(node.inputs[0], st, depth + 1)
+        inner = sub(0)
         return inner if inner is not None and len(inner) <= 1 or op in ("Cast", "Identity") else None
     if op == "Concat":
         out = []
-        for x in node.inputs:
-            e = _shape_elements(x, st, depth + 1)
+        for i in range(len(node.inputs)):
+            e = sub(i)
             if e is None:
                 return None
             out.extend(e)
         return out
     if op == "Gather":
         e, idx = _shape_elements(node.inputs[0], st, depth + 1), st.const(node.inputs[1])
+        e = None if e is None else [(x[0], x[1], None) if x is not None and x[0] == "const" else x for x in e]
         if e is None or idx is None or int(attr(node, "axis", 0)) != 0 or idx.ndim > 1:
             return None
         try:
@@ -366,8 +379,37 @@ class ReshapeRule(Rule):
             # pruned width arrives through Shape; nothing to rewrite
             st.set(node.outputs[0], xi)
             return
+        if node.op == "Reshape":
+            split = _head_split(node, st, xi)
+            if isinstance(split, str):
+                return self.unknown(node, st, split)
+            if split is not None:
+                axis, heads, where = split
+                st.set(node.outputs[0], ChannelInfo(axis, heads, np.full(len(heads), np.nan)))
+                if where is not None:
+                    st.needs_rewrite(node, self, ("entry", where, heads, 1))
+                return
         m = _flatten_map(xi, in_shape, out_shape)
         tpl = None
+        if m is None and node.op == "Reshape":  # dims unknown symbolically: the shapes at the input size
+            m = _flatten_map(xi, st.cost_shape(node.inputs[0]), st.cost_shape(node.outputs[0]))
+            if m is not None and st.const(node.inputs[1]) is None:
+                where = _computed_entry(node, st, m[0], len(xi) * m[1])
+                if where is not None:
+                    axis, rep = m
+                    st.set(node.outputs[0], ChannelInfo(axis, np.repeat(xi.ids, rep), np.repeat(xi.vals, rep)))
+                    if where != "free":
+                        st.needs_rewrite(node, self, ("entry", where, xi.ids, rep))
+                    return
+            m = None
+        if m is not None and node.op == "Reshape" and st.const(node.inputs[1]) is None:
+            where = _computed_entry(node, st, m[0], len(xi) * m[1])
+            if where is not None:  # keep the computed shape, rewrite only its channel entry
+                axis, rep = m
+                st.set(node.outputs[0], ChannelInfo(axis, np.repeat(xi.ids, rep), np.repeat(xi.vals, rep)))
+                if where != "free":
+                    st.needs_rewrite(node, self, ("entry", where, xi.ids, rep))
+                return
         if m is not None and node.op == "Reshape":
             tpl = _shape_template(st.sym_shape(node.inputs[0]), st.sym_shape(node.outputs[0]), m[0])
         if m is None or (node.op == "Reshape" and tpl is None):
@@ -378,6 +420,14 @@ class ReshapeRule(Rule):
             st.needs_rewrite(node, self, (tpl, axis, rep))
 
     def rewrite(self, node, ctx, data) -> None:
+        if data[0] == "entry":  # one constant entry of a (computed) shape: kept units x rep
+            _, (host, index, flat), ids, rep = data
+            target = node if host == node.name else _producer_named(node, host)
+            old = np.asarray(target.inputs[index].values)
+            new = old.copy().reshape(-1)
+            new[flat] = ctx.kept_count(ids) * rep
+            ctx.set_input(target, index, new.reshape(old.shape).astype(old.dtype))
+            return
         tpl, axis, rep = data
         new = list(tpl)
         new[axis] = ctx.kept_count(ctx.info(node.inputs[0]).ids) * rep
@@ -386,9 +436,107 @@ class ReshapeRule(Rule):
         ctx.set_input(node, 1, np.array(new, dtype=np.int64))
 
 
+def _producer_named(node, name: str):
+    """The node called ``name`` among the producers of ``node``'s inputs (transitively)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for t in n.inputs:
+            for p in getattr(t, "inputs", []):
+                if p.name == name:
+                    return p
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    stack.append(p)
+    raise KeyError(name)
+
+
+def _literal_zero(node, elements) -> bool:
+    """allowzero=1 with a 0 entry: that 0 is a size, not "copy the input's dim" (the dynamo exporter
+    sets allowzero on every Reshape; it only matters where an entry is 0)."""
+    return bool(int(attr(node, "allowzero", 0))) and any(e is not None and e[0] == "const" and e[1] == 0
+                                                          for e in elements)
+
+
+def _reads_channels(st: TraceState, e) -> bool:
+    """Does the shape entry ("dim", T, k) read a traced channel axis (whose size pruning changes)?"""
+    ti = st.info(e[1])
+    return ti is not None and ti.axis == e[2]
+
+
+def _computed_entry(node, st: TraceState, k: int, width: int):
+    """For a Reshape whose target shape is computed: where its entry k (the channel axis, ``width``
+    wide) is written, "free" when it is -1 (it follows the pruned width at run time), or None when
+    the shape cannot be kept (another entry that is neither read off the input at run time nor a
+    constant that stays valid)."""
+    elements = _shape_elements(node.inputs[1], st, host=(node.name, 1))
+    shp_out = st.cost_shape(node.outputs[0])
+    if elements is None or shp_out is None or len(elements) != len(shp_out) or _literal_zero(node, elements):
+        return None
+    for i, e in enumerate(elements):
+        if i == k:
+            continue
+        if e is None or e[0] == "const" and e[1] != shp_out[i] or e[0] == "dim" and _reads_channels(st, e):
+            return None
+    e = elements[k]
+    if e is not None and e[0] == "const" and e[1] == -1:
+        return "free"
+    if e is not None and e[0] == "const" and e[1] == width and e[2] is not None:
+        return e[2]
+    return None
+
+
+def _head_split(node, st: TraceState, xi: ChannelInfo):
+    """A Reshape that splits the channel axis into heads: C -> (H, D), or C -> (S, H, D) for packed
+    q/k/v projections (timm, HF: (B, T, C) -> (B, T, H, D) / (B, T, 3, H, D)). Each head's D
+    channels (of all S parts) become one unit; the output's channel axis is the H axis with one id
+    per head. Returns (axis, head ids, where the head count is written or None when it is -1),
+    None when this is not a head split, or a reason string to freeze."""
+    a = xi.axis
+    C = len(xi)
+    shp_in, shp_out = st.cost_shape(node.inputs[0]), st.cost_shape(node.outputs[0])
+    if not shp_in or not shp_out or None in shp_in or None in shp_out or len(shp_in) <= a:
+        return None
+    k = len(shp_out) - len(shp_in)
+    if k not in (1, 2) or shp_out[:a] != shp_in[:a] or shp_out[a + k + 1:] != shp_in[a + 1:]:
+        return None
+    parts = shp_out[a:a + k + 1]
+    if int(np.prod(parts)) != C:
+        return None
+    S, H, D = (1, *parts) if k == 1 else parts
+    if H < 2 or D < 1:
+        return None
+    elements = _shape_elements(node.inputs[1], st, host=(node.name, 1))
+    if elements is None or len(elements) != len(shp_out):
+        return "Reshape splits the channel axis with a shape it cannot follow"
+    h_el, d_el = elements[a + k - 1], elements[a + k]
+    if _literal_zero(node, elements):
+        return "Reshape with allowzero splits the channel axis"
+    if d_el is None or d_el[0] != "const" or d_el[1] != D:
+        return "Reshape splits the channel axis without a constant head size"
+    if k == 2 and (elements[a] is None or elements[a][0] != "const" or elements[a][1] != S):
+        return "Reshape splits the channel axis without a constant part count"
+    for i, e in enumerate(elements):  # every other entry must stay valid when C shrinks
+        if i in (a + k - 1, a + k) or (k == 2 and i == a):
+            continue
+        if e is None or e[0] == "const" and e[1] not in (shp_out[i], 0) or e[0] == "dim" and _reads_channels(st, e):
+            return "Reshape splits the channel axis with another computed dimension"
+    if h_el is not None and h_el[0] == "const" and h_el[1] == -1:
+        where = None  # the head count follows the pruned width at run time
+    elif h_el is not None and h_el[0] == "const" and h_el[1] == H and h_el[2] is not None:
+        where = h_el[2]
+    else:
+        return "Reshape splits the channel axis with a head count it cannot rewrite"
+    ids = xi.ids.reshape(S, H, D)
+    for h in range(H):
+        block = ids[:, h, :].reshape(-1)
+        st.union(np.full(len(block) - 1, block[0]), block[1:])
+    return a + k - 1, ids[0, :, 0].copy(), where
+
+
 def _copies_prefix(node, st: TraceState, xi: ChannelInfo) -> bool:
     elements = _shape_elements(node.inputs[1], st)
-    if elements is None or len(elements) <= xi.axis or int(attr(node, "allowzero", 0)):
+    if elements is None or len(elements) <= xi.axis or _literal_zero(node, elements):
         return False
     for k in range(xi.axis + 1):
         e = elements[k]
@@ -464,6 +612,24 @@ class ResizeRule(Rule):
         ctx.set_input(node, 3, sizes)
 
 
+class GatherRule(Rule):
+    """Gather along a non-channel axis with constant indices (``qkv[0]`` after the packed q/k/v
+    reshape, a class token ``x[:, 0]``): channels pass, their axis shifts by the index rank."""
+
+    ops = ("Gather",)
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        r = st.rank(node.inputs[0])
+        idx = st.const(node.inputs[1])
+        if r is None or idx is None:
+            return self.unknown(node, st, "Gather with computed indices")
+        axis = norm_axis(int(attr(node, "axis", 0)), r)
+        if axis == xi.axis:
+            return self.unknown(node, st, "Gather along the channel axis")
+        st.set(node.outputs[0], xi.with_axis(xi.axis if xi.axis < axis else xi.axis - 1 + idx.ndim))
+
+
 class ShapeOnlyRule(Rule):
     """Shape/Size read metadata only; the result follows the pruned shape at run time and every
     op that uses it to build a channel-carrying tensor is checked by its own rule."""
@@ -475,4 +641,4 @@ class ShapeOnlyRule(Rule):
 
 
 RULES = [PassThroughRule(), ReduceRule(), ConcatRule(), SplitRule(), SliceRule(), TransposeRule(),
-         SqueezeRule(), ReshapeRule(), PadRule(), ResizeRule(), ShapeOnlyRule()]
+         SqueezeRule(), ReshapeRule(), PadRule(), ResizeRule(), GatherRule(), ShapeOnlyRule()]

@@ -1,0 +1,133 @@
+"""Attention heads as prunable units, exported by both PyTorch exporters with a dynamic sequence length.
+
+Patterns: one packed qkv Linear reshaped to (B, T, 3, H, D) (timm), separate q/k/v Linears reshaped
+to (B, T, H, D) and transposed (HF), each with explicit softmax(QK^T)V and with
+``scaled_dot_product_attention``. A unit is a whole head (its Q/K/V rows and biases, its block of
+output-projection columns); pruning is checked against the masked original at two sequence
+lengths, and MACs (activation x activation MatMuls included) against an independent count from
+onnxruntime's shapes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+from graphprune.pipeline import PruneConfig, inspect, prune
+from graphprune.planner import Budget
+from tests.macs import count_macs
+
+C, H, T = 32, 4, 6
+
+
+class Attention(nn.Module):
+    def __init__(self, packed: bool, sdpa: bool):
+        super().__init__()
+        self.packed, self.sdpa = packed, sdpa
+        if packed:
+            self.qkv = nn.Linear(C, 3 * C)
+        else:
+            self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        d = c // H
+        if self.packed:
+            q, k, v = self.qkv(x).reshape(b, t, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (f(x).view(b, t, H, d).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if self.sdpa:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            o = ((q @ k.transpose(-2, -1)) * d ** -0.5).softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    """Embedding, one pre-norm-free attention block with residual, an MLP, mean-pooled classifier."""
+
+    def __init__(self, packed: bool, sdpa: bool):
+        super().__init__()
+        self.emb = nn.Linear(16, C)
+        self.attn = Attention(packed, sdpa)
+        self.fc1, self.fc2, self.head = nn.Linear(C, 64), nn.Linear(64, C), nn.Linear(C, 10)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.attn(h)
+        h = h + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+def export(packed: bool, sdpa: bool, exporter: str, path) -> str:
+    torch.manual_seed(0)
+    m = Block(packed, sdpa).eval()
+    x = torch.randn(1, T, 16)
+    if exporter == "dynamo":
+        dims = {0: torch.export.Dim("B", min=1, max=64), 1: torch.export.Dim("T", min=2, max=64)}
+        torch.onnx.export(m, (x,), str(path), dynamo=True, dynamic_shapes={"x": dims}, verbose=False)
+    else:
+        torch.onnx.export(m, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "B", 1: "T"}})
+    return str(path)
+
+
+PATTERNS = [  # (packed, sdpa, exporter)
+    (True, False, "torchscript"), (True, False, "dynamo"),
+    (False, False, "torchscript"), (False, False, "dynamo"),
+    (True, True, "torchscript"), (False, True, "torchscript"),
+]
+
+
+def _id(p):
+    return f"{'packed' if p[0] else 'separate'}-{'sdpa' if p[1] else 'explicit'}-{p[2]}"
+
+
+@pytest.fixture(scope="session")
+def attention_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("attention")
+    return {p: export(*p, d / f"{_id(p)}.onnx") for p in PATTERNS}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+def test_heads_are_units_and_macs_count_attention(attention_models, pattern):
+    path = attention_models[pattern]
+    name = onnx.load(path, load_external_data=False).graph.input[0].name
+    for t in (T, 11):
+        info = inspect(path, {name: [1, t, 16]})
+        assert info["macs"] == pytest.approx(count_macs(path, {name: (1, t, 16)}), rel=1e-9)
+    heads = [g for g in info["groups"] if g["prunable"] and g["size"] == H]
+    assert len(heads) == 1, info["groups"]
+    per_head = (3 if pattern[0] else 2) * (C // H)  # q/k/v rows per head in the group's sources...
+    assert heads[0]["channels_per_unit"] in (per_head, C // H)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+def test_head_removal_matches_the_masked_original_at_two_lengths(attention_models, pattern, tmp_path):
+    path = attention_models[pattern]
+    name = onnx.load(path, load_external_data=False).graph.input[0].name
+    out = tmp_path / "p.onnx"
+    report = prune(path, out, PruneConfig(budget=Budget("channels", 0.5), input_shapes={name: [1, T, 16]}))
+    head_group = next(g for g in report["groups"] if g["size"] == H and g["prunable"])
+    assert head_group["kept"] == H // 2  # half of the heads removed
+    v = report["verification"]
+    assert v["ok"] and len({s[name][1] for s in v["sizes"]}) == 2, v  # two sequence lengths
+    # the pruned model runs at yet another length and batch
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {name: np.random.default_rng(0).standard_normal((3, 17, 16)).astype(np.float32)})[0]
+    assert y.shape == (3, 10) and np.isfinite(y).all()
+    size = {name: (1, 9, 16)}
+    assert report["totals"]["macs_ratio"] == pytest.approx(
+        count_macs(str(out), {name: (1, T, 16)}) / count_macs(path, {name: (1, T, 16)}), rel=1e-9)
+    assert count_macs(str(out), size) < count_macs(path, size)
+
+
+def test_keep_flops_lands_on_the_independent_count(attention_models, tmp_path):
+    path = attention_models[(True, False, "torchscript")]
+    out = tmp_path / "p.onnx"
+    report = prune(path, out, PruneConfig(budget=Budget("flops", 0.6), input_shapes={"x": [1, 32, 16]}))
+    ratio = count_macs(str(out), {"x": (1, 32, 16)}) / count_macs(path, {"x": (1, 32, 16)})
+    assert ratio <= 0.6 * 1.02 and abs(ratio - report["totals"]["macs_ratio"]) < 1e-9
