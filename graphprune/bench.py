@@ -127,7 +127,7 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
     `min_time` (seconds) keeps iterating past `runs` until that much time was spent per batch size.
     `on_run(name, batch, phase, iteration)` is called after each inference ("warmup" or "timed").
     `input_shapes` (``--input-shape`` strings or {input: dims}) sets the input size of models with
-    dynamic dims; the first model's resolved size is used for every model (same inputs for all)."""
+    dynamic dims (applied to every model; each model's static dims otherwise)."""
     if not models:
         raise UserError("no models to benchmark")
     if warmup < 0 or runs < 1 or any(int(b) < 1 for b in batches) or (threads is not None and threads < 1):
@@ -135,7 +135,8 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
     named = _named(models)
     from .shapes import describe, resolve
 
-    shapes = resolve(named[0][1], input_shapes)
+    sizes = [resolve(model, input_shapes) for _, model, _ in named]  # each model its own (same flag)
+    shapes = sizes[0]
     providers = resolve_providers(provider)
     on_gpu = providers[0] != "CPUExecutionProvider"
     if io_binding and not on_gpu:
@@ -162,7 +163,7 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
                 result["skipped"].append({"model": name, "batch": batch, "reason": conflict})
                 result["notes"].append(f"{name}: batch {batch} skipped ({conflict})")
                 continue
-            active.append((i, name, _runner(sess, random_inputs(model, batch, seed, shapes=shapes), io_binding)))
+            active.append((i, name, _runner(sess, random_inputs(model, batch, seed, shapes=sizes[i]), io_binding)))
         if not active:
             continue
         log.info(f"bench: batch {batch}, {len(active)} model(s), {warmup} warm-up + {runs} timed runs each")

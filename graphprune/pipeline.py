@@ -491,7 +491,6 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     t = time.perf_counter()
     model, tr = load_and_trace(path, config.input_shapes, config.calib)
     timings["load_and_trace"] = time.perf_counter() - t
-    log.info(f"input size {_sizes_text(tr.input_shapes)}")
     if config.eval_data:  # bad data is a user error before any work, not after
         from .calib import load_labelled
 
@@ -507,7 +506,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         return _eigendamage(path, out, config, report_path, model, tr, timings, before_accuracy)
     prunable = [g for g in tr.groups if g.prunable]
     log.info(f"traced {len(model.graph.node)} nodes: {len(tr.groups)} groups, {len(prunable)} prunable "
-             f"({sum(g.size for g in prunable)} channels)")
+             f"({sum(g.size for g in prunable)} channels); input size {_sizes_text(tr.input_shapes)}")
     tr0, before = tr, model_costs(tr)
     alive = {_key(g): np.arange(g.size) for g in tr0.groups}
     current_model, current, rounds, compensated, latency_info = model, dict(before), [], set(), None

@@ -149,12 +149,12 @@ def resolve(model: onnx.ModelProto, specs: Iterable[str] | Mapping[str, Sequence
             shape, origin = None, None
         if shape is not None:
             if dims is not None and len(shape) != len(dims):
-                raise UserError(f"{origin}: input {name!r} has rank {len(dims)} {_show(dims)}, "
-                                f"got {len(shape)} dims {list(shape)}")
+                raise UserError(f"{origin}: shape {list(shape)} does not fit input {name!r}: it has rank "
+                                f"{len(dims)} {_show(dims)}")
             for axis, (want, have) in enumerate(zip(shape, dims or [])):
                 if isinstance(have, int) and want != have and not (axis == 0 and origin != _FLAG):
-                    raise UserError(f"{origin}: input {name!r} has dims {_show(dims)}; dimension {axis} is fixed "
-                                    f"at {have}, got {want}")
+                    raise UserError(f"{origin}: shape {list(shape)} does not fit input {name!r} {_show(dims)}: "
+                                    f"dimension {axis} is fixed at {have}, got {want}")
             shape = tuple(int(d) for d in shape)
             if dims and not isinstance(dims[0], int):  # costs and the checks' first size are at batch 1
                 shape = (1, *shape[1:])

@@ -105,7 +105,7 @@ def test_bench_and_verify_take_input_shape(capsys, dyn_resnet, tmp_path):
 
 # ------------------------------------------------------------------------- bad --input-shape
 @pytest.mark.parametrize("spec,needle", [
-    ("1,3,64", "rank 4"),
+    ("1,3,64", "has rank 4"),
     ("1,3,a,64", "positive integers"),
     ("1,3,0,64", "positive integer"),
     ("1,3,-5,64", "positive integer"),
