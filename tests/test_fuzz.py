@@ -20,7 +20,7 @@ from graphprune import cli
 ROOT = Path(__file__).resolve().parent.parent
 SEED_MODELS = ("samples/digits_resnet.onnx", "samples/digits_mobilenet_v2.onnx")
 N_INPROCESS = 300
-N_SUBPROCESS = 30
+N_SUBPROCESS = 12
 PRUNE_ARGS = ("--keep-channels", "0.5", "--seed", "0")
 
 

@@ -232,3 +232,15 @@ def test_second_size_catches_a_baked_shape_and_skips_where_the_original_cannot()
     # a reference that itself only runs at one size: the second size is skipped, and said so
     res = compare(baked, baked, shapes=shapes, second={"x": (1, 2, 4, 4)})
     assert res["ok"] and "second_size_skipped" in res
+
+
+def test_compress_onnx_source_at_the_given_size(capsys, dyn_resnet, tmp_path):
+    out, rep = tmp_path / "c.onnx", tmp_path / "c.json"
+    rc, stdout, err = run_cli(capsys, "compress", dyn_resnet, "-o", out, "--keep-flops", "0.7", "--input-shape",
+                              "1,3,48,48", "--bench-batch", "2", "--bench-runs", "2", "--report", rep)
+    assert rc == 0, err
+    report = json.loads(rep.read_text())
+    assert report["input_shapes"] == {"x": [1, 3, 48, 48]}
+    assert report["bench"]["rows"] and report["bench"]["rows"][0]["batch"] == 2
+    assert report["totals"]["macs_before"] == pytest.approx(count_macs(dyn_resnet, {"x": (1, 3, 48, 48)}), rel=1e-9)
+    assert dims_of(onnx.load(str(out)).graph.input[0]) == ["batch", 3, "height", "width"]

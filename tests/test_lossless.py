@@ -18,8 +18,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def gp(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "graphprune.cli", "-q", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd or ROOT, timeout=300)
+    """The `graphprune` command run in-process (the real CLI entry point, without paying a Python
+    start-up and torch import per call; tests/test_cli.py runs it as a subprocess)."""
+    import contextlib
+    import io
+    import os
+
+    from graphprune import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    try:
+        os.chdir(cwd or ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = cli.main(["-q", *map(str, args)])
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(["graphprune", *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
 def T(name, a) -> onnx.TensorProto:

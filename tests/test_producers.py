@@ -157,3 +157,31 @@ def test_producer_idioms_are_present(producer_models):
     assert {"Sum", "LRN", "Dropout", "Reshape", "Gemm", "Softmax"} <= set(ops["caffe2_opset8"])
     assert {"Split", "MaxPool", "Concat", "Softmax", "Reshape", "Transpose"} <= set(ops["yolov8_dynamic"])
     assert {"Transpose", "MatMul", "Einsum", "ReduceMean", "Reshape"} <= set(ops["tf2onnx"])
+
+
+def test_legacy_upgrade_is_said_on_one_line_and_quantized_legacy_files_are_refused(producer_models, tmp_path,
+                                                                                     capsys, monkeypatch):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphprune import cli, log
+
+    monkeypatch.setattr(log, "_quiet", False)  # conftest silences progress lines
+    path = producer_models["caffe2_opset9"][0]
+    assert cli.main(["prune", path, "-o", str(tmp_path / "o.onnx"), "--keep-flops", "0.7"]) == 0
+    err = capsys.readouterr().err
+    said = [ln for ln in err.splitlines() if "upgraded" in ln]
+    assert len(said) == 1 and "opset 9 upgraded to opset 11" in said[0], err
+    # a quantized model at a legacy opset (QuantizeLinear exists from opset 10): refused, not upgraded
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("Conv", ["xd", "w"], ["y"])]
+    inits = [w, numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    g = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    q = tmp_path / "q10.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 10)], ir_version=5), str(q))
+    assert cli.main(["-q", "prune", str(q), "-o", str(tmp_path / "q.onnx"), "--keep-flops", "0.7"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "quantized" in lines[0] and "upgraded" not in lines[0], lines
+    assert not (tmp_path / "q.onnx").exists()
