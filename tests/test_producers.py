@@ -19,7 +19,15 @@ from graphprune.planner import Budget
 from samples import producers
 from tests.macs import count_macs
 
+def _static_rec(**kwargs):
+    """The recogniser with its input fixed at 1x3x48x64 while its outputs keep the exporter's
+    symbolic dims (shape inference of the pruned graph resolves them: the signature must stay)."""
+    model, info = producers.paddle_rec(seq="reshape", **kwargs)
+    return producers.fix_input_shape(model, [1, 3, 48, 64]), {**info, "second_shape": None}
+
+
 CASES = {
+    "paddle_rec_reshape_static": (_static_rec, {}, None),
     "paddle_det": (producers.paddle_det, {}, (1, 3, 64, 64)),
     "paddle_det_opset12_minus_one": (producers.paddle_det, {"opset": 12, "minus_one": True}, (1, 3, 64, 64)),
     "paddle_rec": (producers.paddle_rec, {}, (1, 3, 48, 64)),
@@ -129,7 +137,7 @@ def test_what_freezes_and_why(producer_models):
         (only,) = reasons[name].values()
         assert len(only) == 1 and "reaches graph output" in only[0], reasons[name]
     # recognisers: only the per-position class layer (softmax over the classes) stays
-    for name in ("paddle_rec", "paddle_rec_reshape"):
+    for name in ("paddle_rec", "paddle_rec_reshape", "paddle_rec_reshape_static"):
         assert len(reasons[name]) == 1
     # model zoo: LRN mixes neighbouring channels, the classifier feeds a Softmax
     for name in ("caffe2_opset7", "caffe2_opset8", "caffe2_opset9"):
