@@ -124,7 +124,8 @@ def apply_plan(trace: Trace, removed_roots, like: onnx.ModelProto) -> onnx.Model
 
     def set_input(node, index: int, values: np.ndarray) -> None:
         counter[0] += 1
-        node.inputs[index] = gs.Constant(f"{node.name}__gp_in{index}_{counter[0]}", np.ascontiguousarray(values))
+        # np.array, not np.ascontiguousarray: the latter turns a scalar (0-d) constant into shape (1,)
+        node.inputs[index] = gs.Constant(f"{node.name}__gp_in{index}_{counter[0]}", np.array(values, order="C"))
 
     ctx = RewriteContext(trace.state.infos, keep, set_input)
     for node, rule, data in trace.state.rewrites:

@@ -267,6 +267,9 @@ def _static_shapes(graph: gs.Graph, opset: int, input_shapes: dict) -> dict[str,
         dims = vi.type.tensor_type.shape.dim
         out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     wanted = [t.name for n in graph.nodes if n.op in SOURCE_OPS for t in (n.inputs[0], n.outputs[0])]
+    # reshape targets computed at run time (heads folded into the batch axis: B*H) are what the
+    # head rules compare sizes on
+    wanted += [t.name for n in graph.nodes if n.op == "Reshape" for t in (n.inputs[0], n.outputs[0]) if t.name]
     if all(out.get(name) is not None and None not in out[name] for name in wanted):
         return out
     try:
@@ -331,7 +334,13 @@ def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trac
                 info = st.info(t)
                 if info is not None:
                     st.freeze(info.ids, f"{node.op} reads channels through a non-data input")
+        folded = [t for t in node.inputs if t is not None and t.name in st.folded]
+        if folded and not _fold_safe(node, st):
+            st.freeze_inputs(node, f"{node.op} of channels folded into the batch axis")
+            continue
         rule.trace(node, st)
+        if folded and node.op != "Reshape":  # Transpose, scalar Mul, Softmax, MatMul keep the fold
+            st.folded.update(t.name for t in node.outputs if st.info(t) is not None)
     from .rules.layers import contraction_macs
 
     for node in graph.nodes:  # Einsums that are not dense layers: counted at their full cost
@@ -361,6 +370,27 @@ def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trac
     return out
 
 
+def _fold_safe(node, st) -> bool:
+    """May ``node`` see a tensor whose channel axis is folded into the batch axis? Only ops that
+    neither index nor broadcast per channel along that axis: Transpose, Softmax/Cast/Identity,
+    MatMul of two folded operands, Mul/Div by a scalar or another folded tensor, and Reshape (its
+    rule unfolds the axis or freezes)."""
+    if node.op in ("Transpose", "Softmax", "Cast", "Identity", "Reshape"):
+        return True
+    with_info = [t for t in node.inputs if t is not None and st.info(t) is not None]
+    if node.op == "MatMul":
+        return all(t.name in st.folded for t in with_info)
+    if node.op in ("Mul", "Div"):
+        for t in node.inputs:
+            if t is None or t.name in st.folded:
+                continue
+            c = st.const(t)
+            if c is None or c.size != 1:
+                return False
+        return True
+    return False
+
+
 def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
     """Reshapes whose computed target shape gets one constant entry rewritten (head counts, merged
     widths) may share that computation (the dynamo exporter reuses one Concat for the q, k and v
@@ -385,7 +415,8 @@ def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
             for c in t.outputs:
                 if c.op == "Reshape" and len(c.inputs) > 1 and c.inputs[1] is t:
                     terminals.add(c.name)
-                elif c.op in ("Concat", "Unsqueeze", "Squeeze", "Cast", "Identity") and id(c) not in seen:
+                elif (c.op in ("Concat", "Unsqueeze", "Squeeze", "Cast", "Identity")
+                      or c.op == "Reshape" and c.inputs[0] is t) and id(c) not in seen:  # shape arithmetic
                     seen.add(id(c))
                     frontier.extend(c.outputs)
                 else:

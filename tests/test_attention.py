@@ -63,24 +63,41 @@ class Block(nn.Module):
 
 def export(packed: bool, sdpa: bool, exporter: str, path) -> str:
     torch.manual_seed(0)
-    m = Block(packed, sdpa).eval()
-    x = torch.randn(1, T, 16)
+    m = (MHABlock() if packed is None else Block(packed, sdpa)).eval()
+    x = torch.randn(2 if exporter == "dynamo" else 1, T, 16)  # torch.export specialises a batch of 1
     if exporter == "dynamo":
         dims = {0: torch.export.Dim("B", min=1, max=64), 1: torch.export.Dim("T", min=2, max=64)}
-        torch.onnx.export(m, (x,), str(path), dynamo=True, dynamic_shapes={"x": dims}, verbose=False)
+        with torch.no_grad():  # nn.MultiheadAttention's fast path is not exportable
+            torch.onnx.export(m, (x,), str(path), dynamo=True, dynamic_shapes={"x": dims}, verbose=False)
     else:
         torch.onnx.export(m, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "B", 1: "T"}})
     return str(path)
 
 
-PATTERNS = [  # (packed, sdpa, exporter)
+class MHABlock(nn.Module):
+    """nn.MultiheadAttention (packed in-projection, heads folded into the batch axis)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mha, self.head = nn.Linear(16, C), nn.MultiheadAttention(C, H, batch_first=True), nn.Linear(C, 10)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head((h + self.mha(h, h, h, need_weights=False)[0]).mean(1))
+
+
+PATTERNS = [  # (packed, sdpa, exporter); packed None: nn.MultiheadAttention
     (True, False, "torchscript"), (True, False, "dynamo"),
     (False, False, "torchscript"), (False, False, "dynamo"),
     (True, True, "torchscript"), (False, True, "torchscript"),
+    (True, True, "dynamo"), (False, True, "dynamo"),  # dynamo folds K into (B*H, T, D) and back
+    (None, False, "dynamo"),
 ]
 
 
 def _id(p):
+    if p[0] is None:
+        return f"multiheadattention-{p[2]}"
     return f"{'packed' if p[0] else 'separate'}-{'sdpa' if p[1] else 'explicit'}-{p[2]}"
 
 
@@ -101,8 +118,9 @@ def test_heads_are_units_and_macs_count_attention(attention_models, pattern):
         assert info["macs"] == pytest.approx(count_macs(path, {name: (1, t, 16)}), rel=1e-9)
     heads = [g for g in info["groups"] if g["prunable"] and g["size"] == H]
     assert len(heads) == 1, info["groups"]
-    per_head = (3 if pattern[0] else 2) * (C // H)  # q/k/v rows per head in the group's sources...
-    assert heads[0]["channels_per_unit"] in (per_head, C // H)
+    # channels of one unit in the group's first source: q, k and v rows of a head for a packed
+    # projection, the q rows for separate ones
+    assert heads[0]["channels_per_unit"] == (3 * C // H if pattern[0] in (True, None) else C // H)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
@@ -133,3 +151,24 @@ def test_keep_flops_lands_on_the_independent_count(attention_models, tmp_path):
     report = prune(path, out, PruneConfig(budget=Budget("flops", 0.6), input_shapes={"x": [1, 32, 16]}))
     ratio = count_macs(str(out), {"x": (1, 32, 16)}) / count_macs(path, {"x": (1, 32, 16)})
     assert ratio <= 0.6 * 1.02 and abs(ratio - report["totals"]["macs_ratio"]) < 1e-9
+
+
+def test_a_shape_computation_shared_by_two_layers_freezes_their_heads(tmp_path):
+    """The dynamo exporter computes B*H once for every nn.MultiheadAttention layer of an encoder:
+    rewriting it for one layer's kept heads would change the other's, so both stay whole (and the
+    rest of the model still prunes)."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(16, C), nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(C, H, 64, batch_first=True, dropout=0.0), 2)).eval()
+    path = tmp_path / "enc.onnx"
+    with torch.no_grad():
+        torch.onnx.export(enc, (torch.randn(2, T, 16),), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes={"input": {0: torch.export.Dim("B", min=1, max=64),
+                                                    1: torch.export.Dim("T", min=2, max=64)}})
+    name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+    info = inspect(str(path), {name: [1, T, 16]})
+    heads = [g for g in info["groups"] if g["size"] == H]
+    assert len(heads) == 2 and all(not g["prunable"] and any("shared" in r for r in g["frozen"]) for g in heads)
+    report = prune(str(path), tmp_path / "p.onnx", PruneConfig(budget=Budget("channels", 0.5),
+                                                                input_shapes={name: [1, T, 16]}))
+    assert report["verification"]["ok"] and report["totals"]["channels_removed"] > 0

@@ -131,6 +131,10 @@ class TraceState:
         self.rewrites: list[tuple["gs.Node", "Rule", object]] = []
         self.opset = 17
         self.static_shapes: dict[str, list] = {}  # shapes inferred at batch 1 (for cost only)
+        #: tensors whose channel axis is folded into the batch axis (attention heads as (B*H, T, D):
+        #: the axis holds batch x heads, the ids vary along the inner factor); only the ops in
+        #: tracer._FOLD_SAFE may see them
+        self.folded: set[str] = set()
 
     # ---- tensors -------------------------------------------------------------------
     def info(self, tensor) -> ChannelInfo | None:

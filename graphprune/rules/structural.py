@@ -343,6 +343,18 @@ def _shape_elements(t, st: TraceState, depth: int = 0, host=None):
         n = len(e)
         lo, hi = (max(-n, min(v, n)) for v in (starts[0], ends[0]))
         return e[slice(lo, hi)]
+    if op == "Reshape":  # a scalar or 1-D shape piece reshaped to 1-D: same entries
+        inner = sub(0)
+        out_shape = st.shape(node.outputs[0])
+        return inner if inner is not None and out_shape is not None and len(out_shape) <= 1 else None
+    if op == "Mul" and len(node.inputs) == 2:  # a dim times a constant (B * heads): one entry each
+        a_el, b_el = sub(0), sub(1)
+        if a_el is not None and b_el is not None and len(a_el) == len(b_el) == 1:
+            x, y = a_el[0], b_el[0]
+            if y is not None and y[0] == "const" and x is not None and x[0] == "dim":
+                return [("mul", x, y[1], y[2])]
+            if x is not None and x[0] == "const" and y is not None and y[0] == "dim":
+                return [("mul", y, x[1], x[2])]
     if op in ("Mul", "Add", "Sub", "Div", "Floor", "Ceil", "Max", "Min"):  # same length, values computed
         lengths = [len(e) for e in (_shape_elements(x, st, depth + 1) for x in node.inputs) if e is not None]
         n = max(lengths) if lengths else None
@@ -380,6 +392,19 @@ class ReshapeRule(Rule):
             st.set(node.outputs[0], xi)
             return
         if node.op == "Reshape":
+            fold = _fold_reshape(node, st, xi)
+            if isinstance(fold, str):
+                return self.unknown(node, st, fold)
+            if fold is not None:
+                axis, heads, where, folded = fold
+                st.set(node.outputs[0], ChannelInfo(axis, heads, np.full(len(heads), np.nan)))
+                if folded:
+                    st.folded.add(node.outputs[0].name)
+                if where is not None:
+                    st.needs_rewrite(node, self, ("entry", where, heads, 1))
+                return
+            if node.inputs[0].name in st.folded:
+                return self.unknown(node, st, "Reshape of channels folded into the batch axis")
             split = _head_split(node, st, xi)
             if isinstance(split, str):
                 return self.unknown(node, st, split)
@@ -486,6 +511,67 @@ def _computed_entry(node, st: TraceState, k: int, width: int):
     return None
 
 
+def _fold_reshape(node, st: TraceState, xi: ChannelInfo):
+    """Reshapes that fold attention heads into the batch axis or unfold them again (what
+    nn.MultiheadAttention and the dynamo exporter's scaled_dot_product_attention emit):
+
+    * split + fold: (T, B, C) -> (T, B*H, D), the entry B*H computed as Shape(x)[k] * H;
+    * merge: (B, H, T, D) -> (-1, T, D), heads folded by a -1 that covers the axes up to them;
+    * unfold: (B*H, T, D) -> (B, H, T, D), H a constant or read off a tensor with the same heads.
+
+    Returns (axis, head ids, where the head count is written or None, folded?), None when this is
+    none of them, or a reason string to freeze."""
+    elements = _shape_elements(node.inputs[1], st, host=(node.name, 1))
+    shp_in, shp_out = st.cost_shape(node.inputs[0]), st.cost_shape(node.outputs[0])
+    if (elements is None or not shp_in or not shp_out or None in shp_in or None in shp_out
+            or len(elements) != len(shp_out) or _literal_zero(node, elements)):
+        return None
+    a = xi.axis
+
+    def neutral(i, e) -> bool:  # an entry that pruning cannot change
+        return e is not None and (e[0] == "dim" and not _reads_channels(st, e)
+                                  or e[0] == "const" and e[1] in (shp_out[i], -1))
+
+    if node.inputs[0].name in st.folded:  # unfold (B*H, ...) -> (B, H, ...)
+        f, H = a, len(xi)
+        if len(shp_out) != len(shp_in) + 1 or shp_out[:f] != shp_in[:f] or shp_out[f + 2:] != shp_in[f + 1:]:
+            return "Reshape of channels folded into the batch axis"
+        h_el = elements[f + 1]
+        if shp_out[f + 1] != H or not all(neutral(i, e) for i, e in enumerate(elements) if i != f + 1):
+            return "Reshape of channels folded into the batch axis"
+        if h_el is not None and h_el[0] == "const" and h_el[1] == H and h_el[2] is not None:
+            return f + 1, xi.ids, h_el[2], False
+        if h_el is not None and h_el[0] == "dim" and _same_heads(st, h_el, xi):
+            return f + 1, xi.ids, None, False
+        return "Reshape unfolds heads with a count it cannot rewrite"
+    C = len(xi)
+    if len(shp_out) == len(shp_in) and a >= 1 and len(elements) > a:  # split + fold
+        m_el, d_el = elements[a - 1], elements[a]
+        if (m_el is not None and m_el[0] == "mul" and d_el is not None and d_el[0] == "const"
+                and m_el[1][0] == "dim" and not _reads_channels(st, m_el[1])):
+            H, D = int(m_el[2]), int(d_el[1])
+            if (H * D == C and H > 1 and shp_out[a - 1] == shp_in[a - 1] * H and shp_out[a] == D
+                    and all(neutral(i, e) for i, e in enumerate(elements) if i not in (a - 1, a))):
+                if m_el[3] is None:
+                    return "Reshape folds heads with a count it cannot rewrite"
+                ids = xi.ids.reshape(H, D)
+                for h in range(H):
+                    st.union(np.full(D - 1, ids[h, 0]), ids[h, 1:])
+                return a - 1, ids[:, 0].copy(), m_el[3], True
+    if len(shp_out) == len(shp_in) - a and a >= 1:  # merge: -1 folds the axes up to the heads
+        e0 = elements[0]
+        if (e0 is not None and e0[0] == "const" and e0[1] == -1 and shp_out[0] == int(np.prod(shp_in[:a + 1]))
+                and shp_out[1:] == shp_in[a + 1:] and all(neutral(i, e) for i, e in enumerate(elements) if i)):
+            return 0, xi.ids, None, True
+    return None
+
+
+def _same_heads(st: TraceState, e, xi: ChannelInfo) -> bool:
+    ti = st.info(e[1])
+    return ti is not None and ti.axis == e[2] and len(ti.ids) == len(xi.ids) and all(
+        st.uf.find(int(p)) == st.uf.find(int(q)) for p, q in zip(ti.ids, xi.ids))
+
+
 def _head_split(node, st: TraceState, xi: ChannelInfo):
     """A Reshape that splits the channel axis into heads: C -> (H, D), or C -> (S, H, D) for packed
     q/k/v projections (timm, HF: (B, T, C) -> (B, T, H, D) / (B, T, 3, H, D)). Each head's D
@@ -512,6 +598,24 @@ def _head_split(node, st: TraceState, xi: ChannelInfo):
     h_el, d_el = elements[a + k - 1], elements[a + k]
     if _literal_zero(node, elements):
         return "Reshape with allowzero splits the channel axis"
+    if k == 1 and H == 3:  # (T, B, 3C) -> (T, B, 3, C): q, k and v parts of a packed projection
+        # (nn.MultiheadAttention); channel j of the three parts goes together, the parts stay
+        if h_el is None or h_el[0] != "const" or h_el[1] != 3:
+            return "Reshape splits the channel axis into parts it cannot follow"
+        for i, e in enumerate(elements):
+            if i not in (a, a + 1) and (e is None or e[0] == "const" and e[1] not in (shp_out[i], 0)
+                                        or e[0] == "dim" and _reads_channels(st, e)):
+                return "Reshape splits the channel axis with another computed dimension"
+        if d_el is not None and d_el[0] == "const" and d_el[1] == -1:
+            where = None
+        elif d_el is not None and d_el[0] == "const" and d_el[1] == D and d_el[2] is not None:
+            where = d_el[2]
+        else:
+            return "Reshape splits the channel axis into parts of a width it cannot rewrite"
+        ids = xi.ids.reshape(3, D)
+        st.union(ids[0], ids[1])
+        st.union(ids[0], ids[2])
+        return a + 1, ids[0].copy(), where
     if d_el is None or d_el[0] != "const" or d_el[1] != D:
         return "Reshape splits the channel axis without a constant head size"
     if k == 2 and (elements[a] is None or elements[a][0] != "const" or elements[a][1] != S):
