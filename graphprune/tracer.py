@@ -422,9 +422,48 @@ def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
                 else:
                     terminals.add(f"{c.op}:{c.name}")
         units = {tuple(roots[np.asarray(d[2])].tolist()) + (d[3],) for _, d in entries}
-        if terminals - asking or len(units) > 1:
+        if terminals - asking:
             for _, d in entries:
                 st.freeze(np.asarray(d[2]), "a shape computation shared with other tensors carries the channel count")
+        elif len(units) > 1:  # Reshapes of different channel groups (heads of two layers) share it:
+            # each further group gets its own copy of the computation, from the host down
+            first = tuple(roots[np.asarray(entries[0][1][2])].tolist()) + (entries[0][1][3],)
+            for k, (node, d) in enumerate(entries):
+                if tuple(roots[np.asarray(d[2])].tolist()) + (d[3],) == first:
+                    continue
+                new_host = _privatize_shape(graph, node, host, f"__gp_s{k}")
+                i = next(j for j, (n, _r, dd) in enumerate(st.rewrites) if n is node and dd is d)
+                st.rewrites[i] = (node, st.rewrites[i][1], (d[0], (new_host, *d[1][1:]), *d[2:]))
+            graph.toposort()
+
+
+def _privatize_shape(graph: gs.Graph, reshape, host: str, tag: str) -> str:
+    """Give ``reshape`` its own copy of the nodes between ``host`` (included) and its shape input;
+    returns the copied host's name. Constants and tensors that do not depend on ``host`` stay shared."""
+    depends: dict[int, bool] = {}
+
+    def dep(node) -> bool:
+        if id(node) not in depends:
+            depends[id(node)] = node.name == host or any(dep(t.inputs[0]) for t in node.inputs
+                                                         if t is not None and t.inputs)
+        return depends[id(node)]
+
+    clones: dict[int, gs.Node] = {}
+
+    def copy(t):
+        if t is None or not t.inputs or not dep(t.inputs[0]):
+            return t
+        p = t.inputs[0]
+        if id(p) not in clones:
+            ins = [copy(x) for x in p.inputs]
+            outs = [gs.Variable(f"{o.name}{tag}", dtype=o.dtype, shape=o.shape) for o in p.outputs]
+            q = gs.Node(p.op, f"{p.name}{tag}", dict(p.attrs), ins, outs, domain=p.domain)
+            graph.nodes.append(q)
+            clones[id(p)] = q
+        return clones[id(p)].outputs[p.outputs.index(t)]
+
+    reshape.inputs[1] = copy(reshape.inputs[1])
+    return next(q.name for pid, q in clones.items() if q.name == f"{host}{tag}")
 
 
 def _build(graph: gs.Graph, st: TraceState, opset: int) -> Trace:
