@@ -3,7 +3,8 @@
     python benchmarks/transformers_digits.py [--budgets 0.7,0.5] [--criteria magnitude,taylor,fisher,kron-obd]
 
 For `digits_vit` (packed-qkv ViT, 4 heads x 2 blocks) and `digits_encoder` (post-LN
-nn.TransformerEncoder), at each `--keep-flops` budget and criterion, with and without OBS
+nn.TransformerEncoder; its TorchScript export as shipped, and the same weights exported by the
+dynamo exporter, whose nn.MultiheadAttention heads graphprune recognises), at each `--keep-flops` budget and criterion, with and without OBS
 compensation: accuracy on the 360 held-out digits, MACs kept, how many attention heads and MLP
 neurons the planner kept, and wall time. Calibration: 128 of samples/digits_calib.npz with labels.
 `--best-effort` is on, so a budget the prunable groups cannot reach is recorded as reached.
@@ -25,7 +26,24 @@ from graphprune.pipeline import PruneConfig, prune  # noqa: E402
 from graphprune.planner import Budget  # noqa: E402
 
 CALIB, TEST = ROOT / "samples" / "digits_calib.npz", ROOT / "samples" / "digits_test.npz"
-MODELS = {"digits_vit": ROOT / "samples" / "digits_vit.onnx", "digits_encoder": ROOT / "samples" / "digits_encoder.onnx"}
+MODELS = {"digits_vit": ROOT / "samples" / "digits_vit.onnx", "digits_encoder": ROOT / "samples" / "digits_encoder.onnx",
+          "digits_encoder_dynamo": None}  # the same trained encoder exported by the dynamo exporter
+
+
+def _dynamo_encoder(work: str) -> Path:
+    """samples/digits_encoder.pt exported with dynamo=True: nn.MultiheadAttention's heads are
+    recognised in that exporter's graph (the TorchScript export keeps them whole)."""
+    import torch
+
+    from samples.digits_transformers import digits_encoder
+    from samples.transformers import export
+
+    m = digits_encoder()
+    m.load_state_dict(torch.load(ROOT / "samples" / "digits_encoder.pt", weights_only=True))
+    path = Path(work) / "digits_encoder_dynamo.onnx"
+    export(m.eval(), path, exporter="dynamo", dynamic_seq=False, name="encoder",
+           example=torch.zeros(2, 4, 16), dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    return path
 
 
 def _calib_for(model: str, work: str) -> tuple[str, str]:
@@ -62,7 +80,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for model, path in MODELS.items():
-            calib, test = _calib_for(model, work)
+            path = path or _dynamo_encoder(work)
+            calib, test = _calib_for(model.replace("_dynamo", ""), work)
             for ratio in (float(b) for b in args.budgets.split(",")):
                 for criterion in args.criteria.split(","):
                     for comp in ([None] if criterion == "magnitude" else [True, False]):

@@ -135,7 +135,8 @@ def apply_plan(trace: Trace, removed_roots, like: onnx.ModelProto) -> onnx.Model
         t = tensors.get(name)
         if isinstance(t, gs.Variable) and t.shape is not None and info.axis < len(t.shape):
             shape = list(t.shape)
-            shape[info.axis] = int(keep(info.ids).sum())
+            # an axis holding batch x heads (heads folded into the batch axis) has no fixed size
+            shape[info.axis] = None if name in trace.state.folded else int(keep(info.ids).sum())
             t.shape = shape
     model = export_graph(graph, like)
     for t in graph.tensors().values():  # the sliced arrays now live in ``model``: free them now, not

@@ -398,7 +398,8 @@ def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
     such a Reshape and all of them keep the same units; otherwise their channels freeze."""
     by_host: dict[str, list] = {}
     for node, _rule, data in st.rewrites:
-        if isinstance(data, tuple) and data and data[0] == "entry":
+        if isinstance(data, tuple) and data and data[0] == "entry" and data[1][0] != node.name:
+            # (a Reshape's own constant shape input is copied per node when rewritten: never shared)
             by_host.setdefault(data[1][0], []).append((node, data))
     if not by_host:
         return

@@ -174,3 +174,26 @@ def test_a_shape_computation_shared_by_two_layers_is_copied_per_layer(tmp_path):
     v = report["verification"]
     assert v["ok"] and len({s[name][1] for s in v["sizes"]}) == 2, v
     assert [g["kept"] for g in report["groups"] if g["size"] == H] == [H // 2, H // 2]
+
+
+def test_static_length_encoder_with_dynamic_batch(tmp_path):
+    """Dynamo export with a fixed sequence length: the shape constants are initializers and heads are
+    folded as (T, -1, D); the pruned model must still run at every batch (a folded axis has no fixed
+    size, it is not written into the shapes)."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(16, C), nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(C, H, 64, batch_first=True, dropout=0.0), 2)).eval()
+    path = tmp_path / "enc_static_t.onnx"
+    with torch.no_grad():
+        torch.onnx.export(enc, (torch.randn(2, T, 16),), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes={"input": {0: torch.export.Dim("B", min=1, max=64)}})
+    info = inspect(str(path))
+    assert [g["prunable"] for g in info["groups"] if g["size"] == H] == [True, True]
+    out = tmp_path / "p.onnx"
+    report = prune(str(path), out, PruneConfig(budget=Budget("channels", 0.5)))
+    assert report["verification"]["ok"] and report["verification"]["batches"] == [1, 3]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for b in (1, 5):
+        assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((b, T, 16), np.float32)})[0].shape == (b, T, C)

@@ -547,6 +547,17 @@ def _fold_reshape(node, st: TraceState, xi: ChannelInfo):
     C = len(xi)
     if len(shp_out) == len(shp_in) and a >= 1 and len(elements) > a:  # split + fold
         m_el, d_el = elements[a - 1], elements[a]
+        if (m_el is not None and m_el[0] == "const" and m_el[1] == -1 and d_el is not None and d_el[0] == "const"
+                and d_el[1] > 0 and C % d_el[1] == 0 and C // d_el[1] > 1):  # (T, -1, D): -1 is B*H
+            D = int(d_el[1])
+            H = C // D
+            if (shp_out[a - 1] == shp_in[a - 1] * H and shp_out[a] == D
+                    and all(neutral(i, e) and not (e[0] == "const" and e[1] == -1)
+                            for i, e in enumerate(elements) if i not in (a - 1, a))):
+                ids = xi.ids.reshape(H, D)
+                for h in range(H):
+                    st.union(np.full(D - 1, ids[h, 0]), ids[h, 1:])
+                return a - 1, ids[:, 0].copy(), None, True
         if (m_el is not None and m_el[0] == "mul" and d_el is not None and d_el[0] == "const"
                 and m_el[1][0] == "dim" and not _reads_channels(st, m_el[1])):
             H, D = int(m_el[2]), int(d_el[1])
@@ -603,7 +614,7 @@ def _head_split(node, st: TraceState, xi: ChannelInfo):
         if h_el is None or h_el[0] != "const" or h_el[1] != 3:
             return "Reshape splits the channel axis into parts it cannot follow"
         for i, e in enumerate(elements):
-            if i not in (a, a + 1) and (e is None or e[0] == "const" and e[1] not in (shp_out[i], 0)
+            if i not in (a, a + 1) and (e is None or e[0] == "const" and e[1] not in (shp_out[i], 0, -1)
                                         or e[0] == "dim" and _reads_channels(st, e)):
                 return "Reshape splits the channel axis with another computed dimension"
         if d_el is not None and d_el[0] == "const" and d_el[1] == -1:
@@ -623,7 +634,7 @@ def _head_split(node, st: TraceState, xi: ChannelInfo):
     for i, e in enumerate(elements):  # every other entry must stay valid when C shrinks
         if i in (a + k - 1, a + k) or (k == 2 and i == a):
             continue
-        if e is None or e[0] == "const" and e[1] not in (shp_out[i], 0) or e[0] == "dim" and _reads_channels(st, e):
+        if e is None or e[0] == "const" and e[1] not in (shp_out[i], 0, -1) or e[0] == "dim" and _reads_channels(st, e):
             return "Reshape splits the channel axis with another computed dimension"
     if h_el is not None and h_el[0] == "const" and h_el[1] == -1:
         where = None  # the head count follows the pruned width at run time
