@@ -181,6 +181,84 @@ def _einsum(node, inp, ctx):
     return [torch.einsum(node.attrs["equation"], *inp)]
 
 
+def _attention(node, inp, ctx):
+    """ONNX Attention (opset 23+): 3-D or 4-D q/k/v, GQA, boolean or additive mask (padded with
+    "masked" to the key length), past key / value, causal and sliding-window masks aligned to the
+    bottom right, softcap and the qk_matmul_output modes; fully masked rows give 0 (as the spec)."""
+    q, k, v = inp[:3]
+    mask, past_k, past_v, nonpad = _opt(inp, 3), _opt(inp, 4), _opt(inp, 5), _opt(inp, 6)
+    a = node.attrs
+    three_d = q.dim() == 3
+    if three_d:
+        hq, hkv = a["q_num_heads"], a["kv_num_heads"]
+
+        def heads(t, h):  # (B, S, h*D) -> (B, h, S, D)
+            return t.reshape(t.shape[0], t.shape[1], h, t.shape[2] // h).transpose(1, 2)
+
+        q, k, v = heads(q, hq), heads(k, hkv), heads(v, hkv)
+    if past_k is not None:
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+    present_k, present_v = k, v
+    n_q, n_kv = q.shape[2], k.shape[2]
+    scale = a.get("scale")
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+
+    bias = None  # additive, broadcastable to (B, H, n_q, n_kv)
+    if mask is not None:
+        if mask.shape[-1] < n_kv:
+            pad = n_kv - mask.shape[-1]
+            mask = F.pad(mask, (0, pad), value=False if mask.dtype == torch.bool else float("-inf"))
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        bias = mask.to(q.dtype)
+    left, right = a.get("left_window_size", -1), a.get("right_window_size", -1)
+    causal = bool(a.get("is_causal", 0))
+    if causal or left >= 0 or right >= 0:
+        if past_k is not None:
+            offset = torch.tensor(past_k.shape[2], device=q.device)
+        elif nonpad is not None:
+            offset = (nonpad.reshape(-1, 1, 1, 1) - n_q).to(q.device)
+        else:
+            offset = torch.tensor(0, device=q.device)
+        i = torch.arange(n_q, device=q.device).reshape(n_q, 1)
+        j = torch.arange(n_kv, device=q.device).reshape(1, n_kv)
+        diff = i + offset - j  # query position - key position
+        allowed = torch.ones(diff.shape, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = allowed & (diff >= 0)
+        if left >= 0:
+            allowed = allowed & (diff <= left)
+        if right >= 0:
+            allowed = allowed & (-diff <= right)
+        extra = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        bias = extra if bias is None else bias + extra
+    if nonpad is not None:
+        keep = torch.arange(n_kv, device=q.device).reshape(1, n_kv) < nonpad.reshape(-1, 1).to(q.device)
+        extra = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+        bias = extra.reshape(-1, 1, 1, n_kv) if bias is None else bias + extra.reshape(-1, 1, 1, n_kv)
+
+    if q.shape[1] != k.shape[1]:  # grouped-query attention: repeat each kv head
+        reps = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(reps, 1), v.repeat_interleave(reps, 1)
+    qk = torch.matmul(q, k.transpose(-1, -2)) * scale
+    softcap = a.get("softcap", 0.0)
+    if softcap and softcap > 0:
+        qk = torch.tanh(qk / softcap) * softcap
+    mode = a.get("qk_matmul_output_mode", 0)
+    if bias is None:
+        probs = torch.softmax(qk, -1)
+        with_bias = qk
+    else:
+        with_bias = qk + bias
+        dead = torch.isneginf(bias.amax(-1, keepdim=True))  # rows with no key left: output 0
+        probs = torch.softmax(qk + bias.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)  # finite grads
+    y = torch.matmul(probs, v)
+    if three_d:
+        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+    qk_out = probs if mode == 3 else with_bias if mode == 2 else qk  # 0 / 1: scaled (and softcapped) q k^T
+    return [y, present_k, present_v, qk_out][: len(node.outputs)]
+
+
 # --------------------------------------------------------------------------- normalisation
 def _batchnorm(node, inp, ctx):
     x, scale, bias, mean, var = inp[:5]
@@ -306,6 +384,26 @@ def _dropout(node, inp, ctx):
 
 def _where(node, inp, ctx):
     return [torch.where(inp[0], inp[1], inp[2])]
+
+
+def _trilu(node, inp, ctx):
+    k = _ints(_opt(inp, 1))
+    k = k[0] if k else 0
+    fn = torch.triu if node.attrs.get("upper", 1) else torch.tril
+    return [fn(inp[0], k)]
+
+
+def _cumsum(node, inp, ctx):
+    x, a = inp[0], node.attrs
+    axis = _axis(_ints(inp[1])[0], x.dim())
+    if a.get("reverse", 0):
+        x = x.flip(axis)
+    y = torch.cumsum(x, axis)
+    if a.get("exclusive", 0) and x.shape[axis]:  # shift by one: element i sums elements before i
+        y = torch.cat([torch.zeros_like(y.narrow(axis, 0, 1)), y.narrow(axis, 0, x.shape[axis] - 1)], axis)
+    if a.get("reverse", 0):
+        y = y.flip(axis)
+    return [y]
 
 
 # --------------------------------------------------------------------------- shape & layout
@@ -620,6 +718,7 @@ def _resize(node, inp, ctx):
 OPS: dict[str, Callable] = {
     # layers
     "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul, "Einsum": _einsum,
+    "Attention": _attention,
     # normalisation
     "BatchNormalization": _batchnorm, "InstanceNormalization": _instancenorm, "LayerNormalization": _layernorm,
     # activations
@@ -646,7 +745,7 @@ OPS: dict[str, Callable] = {
     "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "LessOrEqual": _binary(torch.le),
     "Greater": _binary(torch.gt), "GreaterOrEqual": _binary(torch.ge),
     "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor),
-    "Where": _where,
+    "Where": _where, "Trilu": _trilu, "CumSum": _cumsum,
     # shape & layout
     "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather, "GatherElements": _gather_elements,
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze,

@@ -32,3 +32,26 @@ def zoo_model(zoo_dir):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def transformer_model(tmp_path_factory):
+    """transformer_model(name, exporter) -> path of samples/transformers.py's model exported by that
+    exporter ("torchscript", "dynamo", "dynamo-opset23"), exported once per session and shared by
+    every test that asks."""
+    from samples import transformers
+
+    d = tmp_path_factory.mktemp("transformers")
+    cache: dict[tuple[str, str], str] = {}
+
+    variants = {"torchscript": {}, "dynamo": {}, "dynamo-opset23": {"opset": 23}}  # 23: the ONNX Attention op
+
+    def get(name: str, exporter: str) -> str:
+        key = (name, exporter)
+        if key not in cache:
+            path = str(d / f"{name}_{exporter}.onnx")
+            transformers.export(transformers.make(name), path, exporter=exporter.split("-")[0], **variants[exporter])
+            cache[key] = path
+        return cache[key]
+
+    return get
