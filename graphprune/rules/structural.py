@@ -416,21 +416,13 @@ class ReshapeRule(Rule):
                 return
         m = _flatten_map(xi, in_shape, out_shape)
         tpl = None
-        if m is None and node.op == "Reshape":  # dims unknown symbolically: the shapes at the input size
-            m = _flatten_map(xi, st.cost_shape(node.inputs[0]), st.cost_shape(node.outputs[0]))
-            if m is not None and st.const(node.inputs[1]) is None:
-                where = _computed_entry(node, st, m[0], len(xi) * m[1])
-                if where is not None:
-                    axis, rep = m
-                    st.set(node.outputs[0], ChannelInfo(axis, np.repeat(xi.ids, rep), np.repeat(xi.vals, rep)))
-                    if where != "free":
-                        st.needs_rewrite(node, self, ("entry", where, xi.ids, rep))
-                    return
-            m = None
-        if m is not None and node.op == "Reshape" and st.const(node.inputs[1]) is None:
-            where = _computed_entry(node, st, m[0], len(xi) * m[1])
-            if where is not None:  # keep the computed shape, rewrite only its channel entry
-                axis, rep = m
+        if node.op == "Reshape" and st.const(node.inputs[1]) is None:
+            # a computed target shape: keep it, rewrite only its channel entry (dims unknown
+            # symbolically are compared at the model's input size)
+            mc = m or _flatten_map(xi, st.cost_shape(node.inputs[0]), st.cost_shape(node.outputs[0]))
+            where = None if mc is None else _computed_entry(node, st, mc[0], len(xi) * mc[1])
+            if where is not None:
+                axis, rep = mc
                 st.set(node.outputs[0], ChannelInfo(axis, np.repeat(xi.ids, rep), np.repeat(xi.vals, rep)))
                 if where != "free":
                     st.needs_rewrite(node, self, ("entry", where, xi.ids, rep))
@@ -554,10 +546,7 @@ def _fold_reshape(node, st: TraceState, xi: ChannelInfo):
             if (shp_out[a - 1] == shp_in[a - 1] * H and shp_out[a] == D
                     and all(neutral(i, e) and not (e[0] == "const" and e[1] == -1)
                             for i, e in enumerate(elements) if i not in (a - 1, a))):
-                ids = xi.ids.reshape(H, D)
-                for h in range(H):
-                    st.union(np.full(D - 1, ids[h, 0]), ids[h, 1:])
-                return a - 1, ids[:, 0].copy(), None, True
+                return a - 1, _one_unit_per_head(st, xi, H, D), None, True
         if (m_el is not None and m_el[0] == "mul" and d_el is not None and d_el[0] == "const"
                 and m_el[1][0] == "dim" and not _reads_channels(st, m_el[1])):
             H, D = int(m_el[2]), int(d_el[1])
@@ -565,16 +554,21 @@ def _fold_reshape(node, st: TraceState, xi: ChannelInfo):
                     and all(neutral(i, e) for i, e in enumerate(elements) if i not in (a - 1, a))):
                 if m_el[3] is None:
                     return "Reshape folds heads with a count it cannot rewrite"
-                ids = xi.ids.reshape(H, D)
-                for h in range(H):
-                    st.union(np.full(D - 1, ids[h, 0]), ids[h, 1:])
-                return a - 1, ids[:, 0].copy(), m_el[3], True
+                return a - 1, _one_unit_per_head(st, xi, H, D), m_el[3], True
     if len(shp_out) == len(shp_in) - a and a >= 1:  # merge: -1 folds the axes up to the heads
         e0 = elements[0]
         if (e0 is not None and e0[0] == "const" and e0[1] == -1 and shp_out[0] == int(np.prod(shp_in[:a + 1]))
                 and shp_out[1:] == shp_in[a + 1:] and all(neutral(i, e) for i, e in enumerate(elements) if i)):
             return 0, xi.ids, None, True
     return None
+
+
+def _one_unit_per_head(st: TraceState, xi: ChannelInfo, H: int, D: int) -> np.ndarray:
+    """Join the D channels of each of the H heads into one unit; one id per head."""
+    ids = xi.ids.reshape(H, D)
+    for h in range(H):
+        st.union(np.full(D - 1, ids[h, 0]), ids[h, 1:])
+    return ids[:, 0].copy()
 
 
 def _same_heads(st: TraceState, e, xi: ChannelInfo) -> bool:
