@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__, log
 from .errors import UserError, VerificationError
 from .io import same_file as _same_file
+from .shapes import text as shapes_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,7 +169,7 @@ def _cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    sizes = ", ".join(f"{n} {'x'.join(map(str, d))}" for n, d in info["input_shapes"].items())
+    sizes = shapes_text(info["input_shapes"])
     upgraded = info.get("opset_upgraded")
     opset = f"opset {info['opset']}" + (f" (upgraded from {upgraded['from']})" if upgraded else "")
     print(f"{info['model']}: {opset}, {info['nodes']} nodes, MACs {_human(info['macs'])} at {sizes}, "
@@ -226,7 +227,7 @@ def print_summary(rep: dict, output: str) -> None:
           f"({t['params_ratio']:.1%}), {t['channels_removed']} channels removed")
     if "verification" in rep:
         v = rep["verification"]
-        sizes = "; ".join(", ".join(f"{n} {'x'.join(map(str, d))}" for n, d in size.items()) for size in v.get("sizes", []))
+        sizes = "; ".join(shapes_text(size) for size in v.get("sizes", []))
         print(f"verified against the masked original: max abs error {v['max_abs_error']:.2e}, "
               f"max rel error {v['max_rel_error']:.2e}{' at ' + sizes if sizes else ''}")
         if v.get("second_size_skipped"):
@@ -273,7 +274,7 @@ def _cmd_verify(args) -> int:
         reason = res.get("reason") or f"max rel error {res['max_rel_error']:.3e} > {res['rtol']:g}"
         print(f"MISMATCH: {reason}")
         return 1
-    sizes = "; ".join(", ".join(f"{n} {'x'.join(map(str, d))}" for n, d in size.items()) for size in res.get("sizes", []))
+    sizes = "; ".join(shapes_text(size) for size in res.get("sizes", []))
     print(f"OK: pruned model equals the masked original (max abs error {res['max_abs_error']:.2e}, "
           f"max rel error {res['max_rel_error']:.2e}{', at ' + sizes if sizes else ''})")
     return 0

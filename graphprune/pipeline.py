@@ -22,11 +22,7 @@ from .runtime import GraphModel
 from .runtime import run, session
 from .tracer import Trace, detach_weights, to_graph, trace
 from .parity import compare
-from .shapes import describe as describe_shapes, resolve as resolve_shapes, second_size
-
-
-def _sizes_text(shapes: dict) -> str:
-    return ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items()) or "no inputs"
+from .shapes import describe as describe_shapes, resolve as resolve_shapes, second_size, text as _sizes_text
 
 
 def _upgrade_info(model: onnx.ModelProto) -> dict:

@@ -249,6 +249,11 @@ def second_size(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], sta
     return out
 
 
+def text(shapes: Mapping[str, Sequence[int]]) -> str:
+    """``{"x": (1, 3, 640, 640)}`` -> ``"x 1x3x640x640"`` (for messages and summaries)."""
+    return ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items()) or "no inputs"
+
+
 def describe(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     """JSON form for reports."""
     return {n: [int(d) for d in s] for n, s in shapes.items()}

@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 from . import log
 from .io import infer, opset_of
 from .rules import REGISTRY, SOURCE_OPS, Member, Source, TraceState
+from .shapes import text as shapes_text
 
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
 #: ops that typically sit in constant subgraphs computing shapes, pads or split sizes
@@ -288,13 +289,9 @@ def _static_shapes(graph: gs.Graph, opset: int, input_shapes: dict) -> dict[str,
         for name, value in zip(names, sess.run(None, random_inputs(model, batch=1, shapes=input_shapes))):
             out[name] = list(value.shape)
     except Exception as exc:
-        log.warn(f"could not measure shapes at {_sizes(input_shapes)} ({str(exc).splitlines()[0][:200] if str(exc) else exc!r}); "
+        log.warn(f"could not measure shapes at {shapes_text(input_shapes)} ({str(exc).splitlines()[0][:200] if str(exc) else exc!r}); "
                  "MACs of some layers count as 0")
     return out
-
-
-def _sizes(input_shapes: dict) -> str:
-    return ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in input_shapes.items()) or "no inputs"
 
 
 def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trace:
@@ -307,7 +304,6 @@ def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trac
     st = TraceState()
     st.opset = opset
     st.static_shapes = _static_shapes(graph, opset, input_shapes)
-    # the batch the shapes were measured at (1 unless the model fixes its batch): costs are per sample
     st.batch = next((int(s[0]) for s in input_shapes.values() if len(s) > 1), 1)
     for node in graph.nodes:
         rule = REGISTRY.get(node.op) if node.domain in _DEFAULT_DOMAINS else None
@@ -422,19 +418,28 @@ def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
                     frontier.extend(c.outputs)
                 else:
                     terminals.add(f"{c.op}:{c.name}")
-        units = {tuple(roots[np.asarray(d[2])].tolist()) + (d[3],) for _, d in entries}
         if terminals - asking:
             for _, d in entries:
                 st.freeze(np.asarray(d[2]), "a shape computation shared with other tensors carries the channel count")
-        elif len(units) > 1:  # Reshapes of different channel groups (heads of two layers) share it:
-            # each further group gets its own copy of the computation, from the host down
-            first = tuple(roots[np.asarray(entries[0][1][2])].tolist()) + (entries[0][1][3],)
-            for k, (node, d) in enumerate(entries):
-                if tuple(roots[np.asarray(d[2])].tolist()) + (d[3],) == first:
-                    continue
-                new_host = _privatize_shape(graph, node, host, f"__gp_s{k}")
+            continue
+        # the value each Reshape writes: kept units (by root) x rep
+        by_units: dict[tuple, list] = {}
+        for node, d in entries:
+            by_units.setdefault(tuple(roots[np.asarray(d[2])].tolist()) + (d[3],), []).append((node, d))
+        # Reshapes of different channel groups (heads of two layers) share it: every further group
+        # gets one copy of the computation, from the host down, shared by that group's Reshapes
+        for k, group in enumerate(list(by_units.values())[1:], start=1):
+            copies: dict[int, object] = {}  # original shape tensor -> its copy
+            for node, d in group:
+                shape_in = node.inputs[1]
+                if id(shape_in) in copies:
+                    node.inputs[1], new_host = copies[id(shape_in)]
+                else:
+                    new_host = _privatize_shape(graph, node, host, f"__gp_s{k}_{len(copies)}")
+                    copies[id(shape_in)] = (node.inputs[1], new_host)
                 i = next(j for j, (n, _r, dd) in enumerate(st.rewrites) if n is node and dd is d)
                 st.rewrites[i] = (node, st.rewrites[i][1], (d[0], (new_host, *d[1][1:]), *d[2:]))
+        if len(by_units) > 1:
             graph.toposort()
 
 
@@ -464,7 +469,7 @@ def _privatize_shape(graph: gs.Graph, reshape, host: str, tag: str) -> str:
         return clones[id(p)].outputs[p.outputs.index(t)]
 
     reshape.inputs[1] = copy(reshape.inputs[1])
-    return next(q.name for pid, q in clones.items() if q.name == f"{host}{tag}")
+    return f"{host}{tag}"
 
 
 def _build(graph: gs.Graph, st: TraceState, opset: int) -> Trace:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..shapes import text as shapes_text
 
 
 def register(sub, common) -> None:
@@ -79,7 +80,7 @@ def run(args, common) -> int:
     print(f"provider: {', '.join(res['providers'])} (requested {res['requested_provider']}"
           f"{', I/O binding' if res['io_binding'] else ''}); {res['machine']['cpu_count']} CPUs, "
           f"onnxruntime {res['machine']['onnxruntime']}; input "
-          + ", ".join(f"{n} {'x'.join(map(str, ['B', *d[1:]]))}" for n, d in res["settings"]["input_shapes"].items()))
+          + shapes_text({n: ["B", *d[1:]] for n, d in res["settings"]["input_shapes"].items()}))
     width = max(len("model"), *(len(m["name"]) for m in res["models"]))
     print(f"{'model':<{width}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'samples/s':>11} {'speed-up':>8}")
     first = res["models"][0]["name"]

@@ -135,6 +135,8 @@ class TraceState:
         #: the axis holds batch x heads, the ids vary along the inner factor); only the ops in
         #: tracer._FOLD_SAFE may see them
         self.folded: set[str] = set()
+        #: the batch the static shapes were measured at (1 unless the model fixes it): costs are per sample
+        self.batch = 1
 
     # ---- tensors -------------------------------------------------------------------
     def info(self, tensor) -> ChannelInfo | None:

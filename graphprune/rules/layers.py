@@ -17,7 +17,7 @@ def _per_sample(st: TraceState, shape) -> int:
     frames folded into the batch axis), from the shapes at the model's input size."""
     if not shape or not isinstance(shape[0], (int, np.integer)) or shape[0] < 1:
         return 1
-    return max(1, int(shape[0]) // max(getattr(st, "batch", 1), 1))
+    return max(1, int(shape[0]) // max(st.batch, 1))
 
 
 def _bias_vals(st: TraceState, node, index: int, zero: np.ndarray, tile: int = 1) -> np.ndarray:
@@ -153,7 +153,7 @@ def contraction_macs(st: TraceState, node) -> int:
         total = int(np.prod(list(sizes.values()), dtype=np.float64))
     else:
         return 0
-    return int(total // max(getattr(st, "batch", 1), 1))
+    return int(total // max(st.batch, 1))
 
 
 class GemmRule(Rule):
@@ -185,7 +185,7 @@ class GemmRule(Rule):
             st.member(node, 2, c.ndim - 1, out.ids, "bias")
         a_shape = st.cost_shape(node.inputs[0])  # (rows, in): rows are batch x tokens when tokens are flattened
         rows = int(a_shape[0]) if a_shape and len(a_shape) == 2 and isinstance(a_shape[0], int) else 1
-        rows = max(1, rows // max(getattr(st, "batch", 1), 1))
+        rows = max(1, rows // max(st.batch, 1))
         st.layer(node, rows, out.ids, n, None if ai is None else ai.ids, b.shape[k_axis])
 
 
@@ -208,7 +208,7 @@ class MatMulRule(Rule):
         if ai is not None:
             st.member(node, 1, 0, ai.ids, "in", ai.vals)
         rows = [d or 1 for d in cost_shape[:-1]] + [1]  # every leading axis is rows (T-first layouts too)
-        rows[0] = max(1, rows[0] // max(getattr(st, "batch", 1), 1))  # per sample
+        rows[0] = max(1, rows[0] // max(st.batch, 1))  # per sample
         out = st.source(node, node.outputs[0], r - 1, b.shape[1], np.where(zero_rows(b, 1), 0.0, np.nan))
         st.member(node, 1, 1, out.ids, "out")
         st.layer(node, int(np.prod(rows)), out.ids, b.shape[1], None if ai is None else ai.ids, b.shape[0])
