@@ -123,12 +123,12 @@ class CostModel:
     def _terms(self, kind: str) -> list[Term]:
         return {"macs": self.macs_terms, "params": self.params_terms, "latency": self.latency_terms}[kind]
 
-    def delta(self, roots, kind: str) -> float:
-        """Cost change (negative = saving) if ``roots`` were removed now."""
+    def delta(self, roots, kind: str, sign: int = -1) -> float:
+        """Cost change (negative = saving) if ``roots`` were removed now (``sign`` +1: put back)."""
         changed: dict[int, float] = {}
         for r in roots:
             for a, c in self.unit_arrays.get(int(r), ()):
-                changed[a] = changed.get(a, self.count[a]) - c
+                changed[a] = changed.get(a, self.count[a]) + sign * c
         terms = {ti for a in changed for k, ti in self.array_terms.get(a, ()) if k == kind}
         tl = self._terms(kind)
         d = 0.0
@@ -145,12 +145,16 @@ class CostModel:
                 changed[a] = changed.get(a, self.count[a]) - c
         return all(v >= 1 or not self._is_tensor[a] for a, v in changed.items())
 
-    def remove(self, roots) -> None:
+    def remove(self, roots, sign: int = -1) -> None:
         for kind in self.totals:
-            self.totals[kind] += self.delta(roots, kind)
+            self.totals[kind] += self.delta(roots, kind, sign)
         for r in roots:
             for a, c in self.unit_arrays.get(int(r), ()):
-                self.count[a] -= c
+                self.count[a] += sign * c
+
+    def restore(self, roots) -> None:
+        """Put back units removed earlier."""
+        self.remove(roots, sign=+1)
 
 
 def model_costs(trace: Trace) -> dict[str, float]:

@@ -84,12 +84,15 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
             max_remove = min(g.size - 1, len(order))
         queues[g.id] = _blocks(order, g.size, _step(g, budget.round_to), max_remove)
 
+    taken: dict[int, list[np.ndarray]] = {}  # per group, the blocks removed, in order
+
     def take(gid: int, block: np.ndarray) -> bool:
         roots = trace.groups[gid].units[block]
         if not cm.allowed(roots):
             return False
         cm.remove(roots)
         removed.setdefault(gid, []).extend(block.tolist())
+        taken.setdefault(gid, []).append(block)
         return True
 
     if budget.kind in ("channels", "lossless"):
@@ -104,6 +107,8 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
         kind = {"flops": "macs", "params": "params", "latency": "latency"}[budget.kind]
         target = budget.ratio * before[kind]
         met = _greedy(trace, scores, queues, cm, kind, target, take)
+        if met:
+            _refill(trace, scores, taken, removed, cm, kind, target)
     plan = Plan({g: np.array(sorted(v), dtype=np.int64) for g, v in removed.items() if v},
                 before, dict(cm.totals), met)
     if not met:
@@ -141,6 +146,31 @@ def _greedy(trace, scores, queues, cm: CostModel, kind: str, target: float, take
         if k + 1 < len(queues[gid]):
             heapq.heappush(heap, (priority(gid, queues[gid][k + 1]), gid, k + 1))
     return cm.totals[kind] <= target * (1 + 1e-9)
+
+
+def _refill(trace, scores, taken, removed, cm: CostModel, kind: str, target: float) -> None:
+    """The greedy pass stops at the first block that crosses the target; a coarse block (a whole
+    attention head, a wide tile) can overshoot it by a lot. Put back the most valuable removed
+    blocks (highest score per unit of cost) that still fit under the target, last-removed block of
+    a group first so every group's removal stays a prefix of its score order."""
+    while True:
+        best, best_p = None, -math.inf
+        for gid, blocks in taken.items():
+            if not blocks:
+                continue
+            roots = trace.groups[gid].units[blocks[-1]]
+            extra = cm.delta(roots, kind, sign=+1)
+            if cm.totals[kind] + extra > target * (1 + 1e-9):
+                continue
+            p = math.inf if extra <= 0 else float(np.sum(scores[gid][blocks[-1]])) / extra
+            if p > best_p:
+                best, best_p = gid, p
+        if best is None:
+            return
+        block = taken[best].pop()
+        cm.restore(trace.groups[best].units[block])
+        drop = set(block.tolist())
+        removed[best] = [u for u in removed[best] if u not in drop]
 
 
 def _frozen_share(trace: Trace, cm: CostModel, kind: str) -> float:

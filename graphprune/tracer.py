@@ -245,6 +245,15 @@ def _weightless(g: gs.Graph) -> list:
     return swapped
 
 
+def _default_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Set the default domain's opset; imports of other domains (com.microsoft, custom) stay, so
+    shape inference and onnxruntime still accept their nodes."""
+    others = [o for o in model.opset_import if o.domain not in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend([onnx.helper.make_opsetid("", opset), *others])
+    return model
+
+
 def _static_shapes(graph: gs.Graph, opset: int, input_shapes: dict) -> dict[str, list]:
     """Shapes at the model's input size, batch 1 (what MACs are counted on): shape inference with the
     inputs fixed at ``input_shapes`` (graphprune.shapes.resolve), or, where that leaves a layer's
@@ -255,9 +264,7 @@ def _static_shapes(graph: gs.Graph, opset: int, input_shapes: dict) -> dict[str,
             t.shape = [int(d) for d in input_shapes[t.name]]
     heavy = _weightless(g)  # infer on a copy without the weights
     try:
-        model = gs.export_onnx(g, do_type_check=False)
-        del model.opset_import[:]
-        model.opset_import.append(onnx.helper.make_opsetid("", opset))
+        model = _default_opset(gs.export_onnx(g, do_type_check=False), opset)
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         return {}
@@ -279,9 +286,7 @@ def _static_shapes(graph: gs.Graph, opset: int, input_shapes: dict) -> dict[str,
         if heavy:  # the measurement needs the real weights
             for t, values in heavy:
                 t._values = values
-            model = gs.export_onnx(g, do_type_check=False)
-            del model.opset_import[:]
-            model.opset_import.append(onnx.helper.make_opsetid("", opset))
+            model = _default_opset(gs.export_onnx(g, do_type_check=False), opset)
         have = {o.name for o in model.graph.output}
         model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted if n not in have)
         sess = session(model)
@@ -317,8 +322,7 @@ def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trac
             continue
         if rule is None:
             if has_info:
-                where = node.op if node.domain in _DEFAULT_DOMAINS else f"{node.domain}::{node.op}"
-                st.freeze_inputs(node, f"no channel rule for {where}")
+                st.freeze_inputs(node, _no_rule_reason(node))
             continue
         if not has_info and node.op not in SOURCE_OPS:
             continue
@@ -366,6 +370,24 @@ def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trac
     return out
 
 
+#: fused attention kernels: heads live inside one node whose weights and head count the channel
+#: rules cannot slice (onnxruntime's transformer optimiser and some exporters write them)
+_FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention",
+                              "GroupQueryAttention", "DecoderAttention", "DecoderMaskedMultiHeadAttention",
+                              "QAttention", "LongformerAttention", "SparseAttention", "RelativePositionBias",
+                              "SkipLayerNormalization", "EmbedLayerNormalization"})
+
+
+def _no_rule_reason(node) -> str:
+    where = node.op if node.domain in _DEFAULT_DOMAINS else f"{node.domain}::{node.op}"
+    if node.op in _FUSED_ATTENTION and node.domain == "com.microsoft":
+        return (f"fused {where} (heads and weights inside one kernel; prune the unfused export, "
+                "before onnxruntime's transformer optimiser)")
+    if node.op == "Attention" and node.domain in _DEFAULT_DOMAINS:
+        return "the ONNX Attention op (opset 23) has no head rule yet; export at opset <= 22 to prune heads"
+    return f"no channel rule for {where}"
+
+
 def _fold_safe(node, st) -> bool:
     """May ``node`` see a tensor whose channel axis is folded into the batch axis? Only ops that
     neither index nor broadcast per channel along that axis: Transpose, Softmax/Cast/Identity,
@@ -391,7 +413,12 @@ def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
     """Reshapes whose computed target shape gets one constant entry rewritten (head counts, merged
     widths) may share that computation (the dynamo exporter reuses one Concat for the q, k and v
     reshapes). Rewriting it in place is right only if every consumer of the shared computation is
-    such a Reshape and all of them keep the same units; otherwise their channels freeze."""
+    such a Reshape and all of them keep the same units; otherwise their channels freeze. Attention
+    masks broadcast over the heads (rules/heads.py) are checked first; their head counts become 1,
+    whatever is kept, so they form one group of their own."""
+    from .rules.heads import check_mask_chains, drop_chains
+
+    check_mask_chains(graph, st)
     by_host: dict[str, list] = {}
     for node, _rule, data in st.rewrites:
         if isinstance(data, tuple) and data and data[0] == "entry" and data[1][0] != node.name:
@@ -401,6 +428,7 @@ def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
         return
     nodes = {n.name: n for n in graph.nodes}
     roots = st.uf.roots()
+    failed_masks: dict[int, object] = {}
     for host, entries in by_host.items():
         if host not in nodes:
             continue
@@ -421,11 +449,14 @@ def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
         if terminals - asking:
             for _, d in entries:
                 st.freeze(np.asarray(d[2]), "a shape computation shared with other tensors carries the channel count")
+                if len(d) > 4:  # a mask chain: none of its constants may change now
+                    failed_masks[id(d[4])] = d[4]
             continue
         # the value each Reshape writes: kept units (by root) x rep
         by_units: dict[tuple, list] = {}
         for node, d in entries:
-            by_units.setdefault(tuple(roots[np.asarray(d[2])].tolist()) + (d[3],), []).append((node, d))
+            key = ("mask",) if len(d) > 4 else tuple(roots[np.asarray(d[2])].tolist()) + (d[3],)
+            by_units.setdefault(key, []).append((node, d))
         # Reshapes of different channel groups (heads of two layers) share it: every further group
         # gets one copy of the computation, from the host down, shared by that group's Reshapes
         for k, group in enumerate(list(by_units.values())[1:], start=1):
@@ -441,6 +472,7 @@ def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
                 st.rewrites[i] = (node, st.rewrites[i][1], (d[0], (new_host, *d[1][1:]), *d[2:]))
         if len(by_units) > 1:
             graph.toposort()
+    drop_chains(st, list(failed_masks.values()), "a shape computation shared with other tensors carries the channel count")
 
 
 def _privatize_shape(graph: gs.Graph, reshape, host: str, tag: str) -> str:

@@ -197,3 +197,154 @@ def test_static_length_encoder_with_dynamic_batch(tmp_path):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for b in (1, 5):
         assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((b, T, 16), np.float32)})[0].shape == (b, T, C)
+
+
+# --------------------------------------------------------------------------- masks, need_weights=True
+class MaskedMHA(nn.Module):
+    """nn.MultiheadAttention fed a key padding mask computed from the input (all-zero tokens are
+    padding; the module expands it over the heads and adds it to the scores), or called with
+    need_weights=True (heads folded into the batch axis up to the merge (T, B*H, D) -> (T*B, E));
+    ``return_weights`` makes the head-averaged weights a graph output."""
+
+    def __init__(self, mask: bool, need_weights: bool = False, return_weights: bool = False):
+        super().__init__()
+        self.mask, self.need_weights, self.return_weights = mask, need_weights, return_weights
+        self.emb, self.mha, self.head = nn.Linear(16, C), nn.MultiheadAttention(C, H, batch_first=True), nn.Linear(C, 10)
+
+    def forward(self, x):
+        h = self.emb(x)
+        pad = x.abs().sum(-1) == 0 if self.mask else None
+        o, w = self.mha(h, h, h, key_padding_mask=pad, need_weights=self.need_weights or self.return_weights)
+        y = self.head((h + o).mean(1))
+        return (y, w) if self.return_weights else y
+
+
+class ExpandedMask(nn.Module):
+    """Explicit attention with a padding mask ``expand``-ed over the heads (no fold); ``return_mask``
+    also makes the expanded mask a graph output."""
+
+    def __init__(self, return_mask: bool = False):
+        super().__init__()
+        self.return_mask = return_mask
+        self.emb, self.qkv, self.proj, self.head = nn.Linear(16, C), nn.Linear(C, 3 * C), nn.Linear(C, C), nn.Linear(C, 10)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.emb(x)
+        q, k, v = self.qkv(h).reshape(b, t, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        m = ((x.abs().sum(-1) == 0).float() * -1e4).view(b, 1, 1, t).expand(-1, H, -1, -1)
+        a = ((q @ k.transpose(-2, -1)) * (C // H) ** -0.5 + m).softmax(-1) @ v
+        y = self.head((h + self.proj(a.transpose(1, 2).reshape(b, t, C))).mean(1))
+        return (y, m) if self.return_mask else y
+
+
+MASK_MODELS = {  # name: (factory, sequence length dynamic under TorchScript?)
+    "padding_mask": (lambda: MaskedMHA(mask=True), False),
+    "need_weights": (lambda: MaskedMHA(mask=False, need_weights=True), False),
+    "weights_output": (lambda: MaskedMHA(mask=False, return_weights=True), False),
+    "expanded_mask": (lambda: ExpandedMask(), True),
+    "expanded_mask_output": (lambda: ExpandedMask(return_mask=True), True),
+}
+
+
+@pytest.fixture(scope="session")
+def mask_model(tmp_path_factory):
+    """mask_model(name, exporter, length=T) -> path, exported once per session. TorchScript bakes the
+    sequence length of nn.MultiheadAttention into a Reshape: those files are exported per length."""
+    from samples.transformers import no_mha_fastpath
+
+    d = tmp_path_factory.mktemp("masks")
+    cache: dict = {}
+
+    def get(name: str, exporter: str, length: int = T) -> str:
+        key = (name, exporter, length)
+        if key not in cache:
+            factory, dynamic_t = MASK_MODELS[name]
+            torch.manual_seed(0)
+            m = factory().eval()
+            path = str(d / f"{name}_{exporter}_{length}.onnx")
+            x = torch.randn(2, length, 16)
+            with no_mha_fastpath(), torch.no_grad():
+                if exporter == "dynamo":
+                    dims = {0: torch.export.Dim("B", min=1, max=64), 1: torch.export.Dim("T", min=2, max=64)}
+                    torch.onnx.export(m, (x,), path, dynamo=True, dynamic_shapes={"x": dims}, verbose=False)
+                else:
+                    axes = {0: "B", 1: "T"} if dynamic_t else {0: "B"}
+                    torch.onnx.export(m, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": axes})
+            cache[key] = path
+        return cache[key]
+
+    return get
+
+
+def _padded(batch: int, length: int) -> np.ndarray:
+    x = np.random.default_rng(1).standard_normal((batch, length, 16)).astype(np.float32)
+    for b in range(batch):  # sample b ends in b padding tokens
+        if b:
+            x[b, -b:] = 0.0
+    return x
+
+
+def _prune_heads_and_check(path: str, length: int, check_lengths) -> dict:
+    """Prune with a channel budget (verified by graphprune at its sizes; returns that verification),
+    then independently remove heads 0 and 2 and compare with the masked original on inputs with
+    padding tokens at ``check_lengths``."""
+    import onnxruntime as ort
+
+    from graphprune.pipeline import load_and_trace
+    from graphprune.rewriter import apply_plan, masked_original
+
+    name = onnx.load(path, load_external_data=False).graph.input[0].name
+    report = prune(path, path[:-5] + "_p.onnx", PruneConfig(budget=Budget("channels", 0.5),
+                                                           input_shapes={name: [1, length, 16]}))
+    head_group = next(g for g in report["groups"] if g["size"] == H and g["prunable"])
+    assert head_group["kept"] == H // 2
+    v = report["verification"]
+    assert v["ok"], v
+    skeleton, tr = load_and_trace(path, {name: [1, length, 16]})
+    heads = [g for g in tr.groups if g.prunable and g.size == H]
+    assert len(heads) == 1
+    removed = tr.removed_roots({heads[0].id: np.array([0, 2])})
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (masked_original(tr, removed, skeleton), apply_plan(tr, removed, skeleton))]
+    for t in check_lengths:
+        x = _padded(3, t)
+        ref, got = (s.run(None, {name: x})[0] for s in sessions)
+        assert got.shape == (3, 10) and np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    return v
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("name", ["padding_mask", "need_weights", "expanded_mask"])
+def test_masked_and_need_weights_heads_prune(mask_model, name, exporter):
+    """A padding mask expanded over the heads (rewritten to broadcast: every head sees the same
+    mask) and need_weights=True (heads merged back from the batch axis): heads prune, at two lengths."""
+    if exporter == "dynamo" or MASK_MODELS[name][1]:  # one file, verified at two lengths
+        path = mask_model(name, exporter)
+        v = _prune_heads_and_check(path, T, (T, 11))
+        name_in = onnx.load(path, load_external_data=False).graph.input[0].name
+        assert len({s[name_in][1] for s in v["sizes"]}) == 2, v
+    else:  # TorchScript bakes the length of nn.MultiheadAttention in: one file per length
+        for t in (T, 11):
+            _prune_heads_and_check(mask_model(name, exporter, t), t, (t,))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_head_averaged_weights_as_output_keep_heads(mask_model, exporter):
+    """The mean over heads of the attention weights changes when heads go: heads stay whole."""
+    path = mask_model("weights_output", exporter)
+    name = onnx.load(path, load_external_data=False).graph.input[0].name
+    info = inspect(path, {name: [1, T, 16]})
+    heads = [g for g in info["groups"] if g["size"] == H and g["channels_per_unit"] > 1]
+    assert len(heads) == 1 and not heads[0]["prunable"]
+    assert any("ReduceMean" in r for r in heads[0]["frozen"]), heads[0]["frozen"]
+
+
+def test_expanded_mask_read_elsewhere_keeps_heads(mask_model):
+    """A mask expanded over the heads that is also a graph output keeps its head count: heads freeze."""
+    path = mask_model("expanded_mask_output", "torchscript")
+    info = inspect(path, {"x": [1, T, 16]})
+    heads = [g for g in info["groups"] if g["size"] == H and g["channels_per_unit"] > 1]
+    assert len(heads) == 1 and not heads[0]["prunable"]
+    assert any("attention mask" in r for r in heads[0]["frozen"]), heads[0]["frozen"]

@@ -107,3 +107,27 @@ def test_unreachable_budget_is_a_user_error_or_best_effort():
 def test_bad_budgets(bad):
     with pytest.raises(UserError):
         Budget(**bad)
+
+
+def test_coarse_blocks_are_put_back_while_they_fit():
+    """With kept widths rounded to 16 a block is a big step: the greedy pass overshoots the target
+    and the refill puts back the most valuable removed blocks that still fit. The plan stays under
+    the target, lands closer to it, and every group's removal is still a prefix of its score order."""
+    tr = trace_of(chain(widths=(48, 64, 32)))
+    scores = scores_for(tr, seed=1)
+    budget = Budget("flops", 0.6, round_to=16)
+    plan = make_plan(tr, scores, budget)
+    assert plan.budget_met and plan.after["macs"] <= 0.6 * plan.before["macs"]
+    assert plan.after["macs"] >= 0.5 * plan.before["macs"]  # the greedy pass alone stops at 0.41
+    cm = CostModel(tr)
+    for gid, units in plan.removed.items():
+        order = np.argsort(scores[gid], kind="stable")
+        assert sorted(units.tolist()) == sorted(order[:len(units)].tolist())  # a prefix of the score order
+        assert (tr.groups[gid].size - len(units)) % 16 == 0
+        cm.remove(tr.groups[gid].units[units])
+    assert cm.totals["macs"] == pytest.approx(plan.after["macs"])
+    # nothing removed could be put back without crossing the target
+    for gid, units in plan.removed.items():
+        order = np.argsort(scores[gid], kind="stable")
+        last = order[len(units) - 16:len(units)]
+        assert cm.totals["macs"] + cm.delta(tr.groups[gid].units[last], "macs", sign=+1) > 0.6 * plan.before["macs"]

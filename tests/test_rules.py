@@ -338,7 +338,7 @@ def test_layernorm_over_channels_freezes():
     nodes, inits = chain(stem(), ([node("LayerNormalization", ["h", "s", "bb"], ["n"], axis=1)],
                                   [const("s", (8, 8, 8)), const("bb", (8, 8, 8))]), head("n", 8))
     tr = traced(make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits))
-    assert_frozen(tr, "h", "LayerNormalization across the channel axis")
+    assert_frozen(tr, "h", "LayerNormalization over the channels")
     assert not any(g.prunable for g in tr.groups)
 
 
@@ -347,7 +347,7 @@ def test_layernorm_channels_last_freezes():
              node("MatMul", ["n", "w2"], ["y"])]
     tr = traced(make_model(nodes, [("x", ["N", 5, 16])], [("y", ["N", 5, 4])],
                            [const("w1", (16, 8)), const("s", (8,)), const("w2", (8, 4))]))
-    assert_frozen(tr, "h", "LayerNormalization across the channel axis")
+    assert_frozen(tr, "h", "LayerNormalization over the channels")
 
 
 def test_layernorm_over_last_spatial_axis_keeps_channels():
@@ -735,7 +735,7 @@ def test_reduce_keepdims_leading_axis_shifts_channel_axis():
 def test_reduce_over_channels_freezes():
     nodes, inits = chain(stem(), ([node("ReduceMean", ["h"], ["r"], axes=[1], keepdims=1)], []), head("r", 1))
     tr = traced(make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits, opset=13))
-    assert_frozen(tr, "h", "ReduceMean across the channel axis")
+    assert_frozen(tr, "h", "ReduceMean over the channels")
     assert not any(g.prunable for g in tr.groups)
 
 

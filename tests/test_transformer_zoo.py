@@ -12,9 +12,10 @@ from samples import transformers
 from tests.macs import count_macs
 
 EXPORTERS = ("torchscript", "dynamo")
-#: models whose attention heads are prunable units from both exporters (mha_need_weights: the
-#: head-averaged attention weights reduce over the heads, so they stay whole)
-HEADS_BOTH = ("vit", "vit_sep", "swin_block", "hybrid_ocr", "encoder")
+#: models whose attention heads are prunable units from both exporters (mha_need_weights: its
+#: head-averaged attention weights are unused, so heads prune; they would stay whole if they were
+#: an output, tests/test_attention.py)
+HEADS_BOTH = ("vit", "vit_sep", "swin_block", "hybrid_ocr", "encoder", "encoder_masked", "mha_need_weights")
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

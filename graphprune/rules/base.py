@@ -254,6 +254,18 @@ class Rule:
         st.freeze_inputs(node, reason)
 
 
+_NORM_REASON = "(removing one changes the statistics of the others: not the same as masking it)"
+_ACROSS = {"LayerNormalization": f"LayerNormalization over the channels {_NORM_REASON}",
+           "ReduceMean": "ReduceMean over the channels (RMSNorm or a written-out LayerNorm; attention weights "
+                         "averaged over the heads): removing one changes the mean, not the same as masking it",
+           "LpNormalization": f"LpNormalization over the channels {_NORM_REASON}"}
+
+
+def across_channels(op: str) -> str:
+    """Why an op that reduces or normalises over the channel axis freezes those channels."""
+    return _ACROSS.get(op, f"{op} across the channel axis")
+
+
 def attr(node, name: str, default=None):
     return node.attrs.get(name, default)
 

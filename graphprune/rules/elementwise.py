@@ -5,7 +5,9 @@ import math
 
 import numpy as np
 
-from .base import ChannelInfo, Rule, TraceState, attr, input_or_none, norm_axis, uniform_along
+from .base import ChannelInfo, Rule, TraceState, across_channels, attr, input_or_none, norm_axis, uniform_along
+from .structural import constant_channels
+from .heads import uniform_operand
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -161,6 +163,10 @@ class BroadcastRule(Rule):
             elif d == n and c is not None:
                 st.member(node, node.inputs.index(t), a_i, first.ids, "param")
                 operand_vals.append(uniform_along(c, a_i))
+            elif d in (n, None) and constant_channels(st, node, node.inputs.index(t), a_i, first.ids):
+                operand_vals.append(np.nan)  # a positional embedding sliced to the length or gathered
+            elif d in (n, None) and uniform_operand(st, node, t, a_i, first.ids):
+                operand_vals.append(np.nan)  # the same for every channel (a mask expanded over the heads)
             else:
                 return self.unknown(node, st, f"{node.op} operand of unknown channel layout")
         with np.errstate(all="ignore"):
@@ -219,8 +225,15 @@ class AxisNormRule(Rule):
             over = range(norm_axis(attr(node, "axis", 1), r), r)
         else:
             over = [norm_axis(attr(node, "axis", -1), r)]
-        if xi.axis in over or any(st.info(t) is not None for t in node.inputs[1:]):
-            return self.unknown(node, st, f"{node.op} across the channel axis")
+        if any(st.info(t) is not None for t in node.inputs[1:]):
+            return self.unknown(node, st, f"{node.op} with channel-carrying scale or bias")
+        if xi.axis in over and node.op != "LayerNormalization":
+            return self.unknown(node, st, across_channels(node.op))
+        if xi.axis in over:
+            # not equivalent to masking: every output depends on all channels. The channels still
+            # pass through (same positions), so the residual stream it normalises stays one group
+            # and freezes for this reason rather than for a symptom further on
+            st.freeze(xi.ids, across_channels(node.op))
         st.set(node.outputs[0], xi.with_vals(np.nan))
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import ChannelInfo, Rule, TraceState, attr, input_or_none, norm_axis
+from .base import ChannelInfo, Rule, TraceState, across_channels, attr, input_or_none, norm_axis
 
 
 def _int_list(st: TraceState, node, index: int, attr_name: str | None = None):
@@ -54,7 +54,7 @@ class ReduceRule(Rule):
             axes = list(range(r))
         axes = sorted(norm_axis(a, r) for a in axes)
         if xi.axis in axes:
-            return self.unknown(node, st, f"{node.op} across the channel axis")
+            return self.unknown(node, st, across_channels(node.op))
         axis = xi.axis if attr(node, "keepdims", 1) else xi.axis - sum(a < xi.axis for a in axes)
         keeps = node.op in ("ReduceMean", "ReduceMax", "ReduceMin")
         vals = xi.vals if keeps else np.where(xi.vals == 0, 0.0, np.nan)
@@ -90,12 +90,20 @@ class ConcatRule(Rule):
             st.set(node.outputs[0], ChannelInfo(axis, np.concatenate([p.ids for p in parts]),
                                                 np.concatenate([p.vals for p in parts])))
             return
-        if any(i is None for i in infos) or len({len(i) for i in infos}) != 1:
+        traced = [i for i in infos if i is not None]
+        if len({len(i) for i in traced}) != 1:
             return self.unknown(node, st, "Concat along another axis of tensors with different channels")
-        for i in infos[1:]:
-            st.union(infos[0].ids, i.ids)
-        vals = np.where(np.all([i.vals == infos[0].vals for i in infos], axis=0), infos[0].vals, np.nan)
-        st.set(node.outputs[0], infos[0].with_vals(vals))
+        first = traced[0]
+        for k, i in enumerate(infos):
+            if i is None:  # a learned token (class token) concatenated along the tokens: sliced with them
+                if not constant_channels(st, node, k, ch, first.ids):
+                    return self.unknown(node, st, "Concat along the tokens of a tensor whose channels are "
+                                                  "computed (not a constant class token)")
+            else:
+                st.union(first.ids, i.ids)
+        vals = np.where(np.all([i.vals == first.vals for i in traced], axis=0) & (len(traced) == len(infos)),
+                        first.vals, np.nan)
+        st.set(node.outputs[0], first.with_vals(vals))
 
 
 class SplitRule(Rule):
@@ -355,10 +363,91 @@ def _shape_elements(t, st: TraceState, depth: int = 0, host=None):
                 return [("mul", x, y[1], y[2])]
             if x is not None and x[0] == "const" and y is not None and y[0] == "dim":
                 return [("mul", y, x[1], x[2])]
+    if op == "Equal" and len(node.inputs) == 2:  # torch's expand(-1) idiom: Where(Equal(s, -1), 1, s)
+        a_el, b_el = (_shape_elements(x, st, depth + 1) for x in node.inputs)
+        if a_el is None or b_el is None or len(a_el) != len(b_el) and 1 not in (len(a_el), len(b_el)):
+            return None
+        n = max(len(a_el), len(b_el))
+        out = []
+        for x, y in zip(a_el * (n // len(a_el)), b_el * (n // len(b_el))):
+            kinds = (x[0] if x else None, y[0] if y else None)
+            if kinds == ("const", "const"):
+                out.append(("const", int(x[1] == y[1]), None))
+            elif set(kinds) == {"dim", "const"} and (x if kinds[0] == "const" else y)[1] < 0:
+                out.append(("const", 0, None))  # a size is never negative
+            else:
+                out.append(None)
+        return out
+    if op == "Where" and len(node.inputs) == 3:
+        c_el, x_el, y_el = sub(0), sub(1), sub(2)
+        if c_el is None or x_el is None or y_el is None or not len(c_el) == len(x_el) == len(y_el):
+            return None
+        return [None if c is None or c[0] != "const" else (x if c[1] else y) for c, x, y in zip(c_el, x_el, y_el)]
     if op in ("Mul", "Add", "Sub", "Div", "Floor", "Ceil", "Max", "Min"):  # same length, values computed
         lengths = [len(e) for e in (_shape_elements(x, st, depth + 1) for x in node.inputs) if e is not None]
         n = max(lengths) if lengths else None
         return None if n is None else [None] * n
+    return None
+
+
+def constant_channels(st: TraceState, node, index: int, axis: int, ids) -> bool:
+    """Input ``index`` of ``node`` has ``len(ids)`` channels along its ``axis`` that come from one
+    constant without mixing that axis (a class token ``Expand``-ed over the batch, a positional
+    embedding ``Slice``-d or ``Gather``-ed along the tokens): make that constant a member sliced
+    with ``ids`` (and record the channels of the tensors on the way, whose shapes the rewrite
+    updates). False, changing nothing, when it is not such an input."""
+    origin = _constant_origin(st, node, index, axis, len(ids), [])
+    if origin is None:
+        return False
+    host, i, a, chain = origin
+    st.member(host, i, a, ids, "param")
+    for t, t_axis in chain:
+        st.set(t, ChannelInfo(t_axis, ids))
+    return True
+
+
+def _constant_origin(st: TraceState, node, index: int, axis: int, n: int, chain: list):
+    """(node, input index, axis, tensors on the way) of the constant behind input ``index`` of
+    ``node``, see :func:`constant_channels`. Intermediate tensors must feed one node (slicing the
+    constant changes what all their readers see); a constant is sliced per reading node, so
+    sharing the constant itself is fine."""
+    t = input_or_none(node, index)
+    if t is None or axis < 0:
+        return None
+    c = st.const(t)
+    if c is not None:
+        return (node, index, axis, chain) if axis < c.ndim and c.shape[axis] == n else None
+    r = st.rank(t)
+    if len(chain) > 8 or r is None or not t.inputs or len(t.outputs) != 1:
+        return None
+    p = t.inputs[0]
+    chain = [*chain, (t, axis)]
+    if p.op in ("Identity", "Cast"):
+        return _constant_origin(st, p, 0, axis, n, chain)
+    if p.op == "Expand":
+        elements = _shape_elements(p.inputs[1], st)
+        r_in = st.rank(p.inputs[0])
+        if elements is None or r_in is None:
+            return None
+        k = axis - (r - len(elements))
+        if 0 <= k < len(elements) and (elements[k] is None or elements[k][0] != "const" or elements[k][1] != 1):
+            return None  # the shape must broadcast the constant's channels, not name their count
+        return _constant_origin(st, p, 0, axis - (r - r_in), n, chain)
+    if p.op == "Slice":
+        axes = _int_list(st, p, 3, "axes")
+        if axes == [] and input_or_none(p, 3) is None and "axes" not in p.attrs:
+            starts = _int_list(st, p, 1, "starts")
+            axes = None if starts is None else list(range(len(starts)))
+        if axes is None or axis in [norm_axis(a, r) for a in axes]:
+            return None
+        return _constant_origin(st, p, 0, axis, n, chain)
+    if p.op == "Gather" and st.const(p.inputs[0]) is not None:
+        data, idx_rank = st.const(p.inputs[0]), st.rank(p.inputs[1])
+        g = norm_axis(int(attr(p, "axis", 0)), data.ndim)
+        if idx_rank is None or g <= axis < g + idx_rank:
+            return None
+        a = axis if axis < g else axis - idx_rank + 1
+        return (p, 0, a, chain) if data.shape[a] == n else None
     return None
 
 
@@ -509,7 +598,9 @@ def _fold_reshape(node, st: TraceState, xi: ChannelInfo):
 
     * split + fold: (T, B, C) -> (T, B*H, D), the entry B*H computed as Shape(x)[k] * H;
     * merge: (B, H, T, D) -> (-1, T, D), heads folded by a -1 that covers the axes up to them;
-    * unfold: (B*H, T, D) -> (B, H, T, D), H a constant or read off a tensor with the same heads.
+    * unfold: (B*H, T, D) -> (B, H, T, D), H a constant or read off a tensor with the same heads;
+    * unfold + merge: (T, B*H, D) -> (T*B, H*D) (nn.MultiheadAttention with need_weights=True), see
+      :func:`_merge_folded`.
 
     Returns (axis, head ids, where the head count is written or None, folded?), None when this is
     none of them, or a reason string to freeze."""
@@ -525,6 +616,9 @@ def _fold_reshape(node, st: TraceState, xi: ChannelInfo):
                                   or e[0] == "const" and e[1] in (shp_out[i], -1))
 
     if node.inputs[0].name in st.folded:  # unfold (B*H, ...) -> (B, H, ...)
+        merged = _merge_folded(st, xi, elements, shp_in, shp_out)
+        if merged is not None:
+            return merged
         f, H = a, len(xi)
         if len(shp_out) != len(shp_in) + 1 or shp_out[:f] != shp_in[:f] or shp_out[f + 2:] != shp_in[f + 1:]:
             return "Reshape of channels folded into the batch axis"
@@ -561,6 +655,35 @@ def _fold_reshape(node, st: TraceState, xi: ChannelInfo):
                 and shp_out[1:] == shp_in[a + 1:] and all(neutral(i, e) for i, e in enumerate(elements) if i)):
             return 0, xi.ids, None, True
     return None
+
+
+def _merge_folded(st: TraceState, xi: ChannelInfo, elements, shp_in, shp_out):
+    """(..., B*H, D) -> (..., H*D): heads folded into the batch axis (its inner factor) merged with
+    the head dim into the last axis, as nn.MultiheadAttention's need_weights=True path writes
+    ``(T, B*H, D) -> (T*B, E)``: output channel h*D + d is channel d of head h, whatever the leading
+    axes are. E must be a constant (rewritten to kept heads x D) or -1; every other entry must stay
+    valid when heads go (a dim not read off traced channels, a constant, or such a dim x a constant).
+    Returns like :func:`_fold_reshape` (the ids repeated D times), None when this is not such a
+    merge, or a reason string."""
+    f, H = xi.axis, len(xi)
+    if len(shp_in) < 2 or f != len(shp_in) - 2 or len(shp_out) != len(shp_in) - 1:
+        return None
+    D = int(shp_in[-1])
+    if shp_out[-1] != H * D or int(np.prod(shp_out[:-1])) * H != int(np.prod(shp_in[:-1])):
+        return None
+    c_el = elements[-1]
+    free = c_el is not None and c_el[0] == "const" and c_el[1] == -1
+    for i, e in enumerate(elements[:-1]):
+        if e is not None and (e[0] == "dim" and not _reads_channels(st, e)
+                              or e[0] == "mul" and e[1] is not None and e[1][0] == "dim" and not _reads_channels(st, e[1])
+                              or e[0] == "const" and (e[1] == shp_out[i] and e[1] > 0 or e[1] == -1 and not free)):
+            continue
+        return "Reshape merges heads folded into the batch axis with a dimension it cannot keep"
+    if free:
+        return len(shp_out) - 1, np.repeat(xi.ids, D), None, False
+    if c_el is not None and c_el[0] == "const" and c_el[1] == H * D and c_el[2] is not None:
+        return len(shp_out) - 1, np.repeat(xi.ids, D), c_el[2], False
+    return "Reshape merges heads folded into the batch axis into a width it cannot rewrite"
 
 
 def _one_unit_per_head(st: TraceState, xi: ChannelInfo, H: int, D: int) -> np.ndarray:
