@@ -1,18 +1,21 @@
 """One-shot pruning of the digits-trained transformers (samples/digits_transformers.py).
 
     python benchmarks/transformers_digits.py [--budgets 0.7,0.5] [--criteria magnitude,taylor,fisher,kron-obd]
+                                             [--samples 128,256] [--unlabelled]
 
 For `digits_vit` (packed-qkv ViT, 4 heads x 2 blocks) and `digits_encoder` (post-LN
 nn.TransformerEncoder; its TorchScript export as shipped, and the same weights exported by the
 dynamo exporter, whose nn.MultiheadAttention heads graphprune recognises), at each `--keep-flops` budget and criterion, with and without OBS
 compensation: accuracy on the 360 held-out digits, MACs kept, how many attention heads and MLP
-neurons the planner kept, and wall time. Calibration: 128 of samples/digits_calib.npz with labels.
+neurons the planner kept, and wall time. Calibration: the first 128 and all 256 images of
+samples/digits_calib.npz, with their labels (``--unlabelled``: without, the label-free loss).
 `--best-effort` is on, so a budget the prunable groups cannot reach is recorded as reached.
 Results: benchmarks/results/transformers_digits.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -46,20 +49,21 @@ def _dynamo_encoder(work: str) -> Path:
     return path
 
 
-def _calib_for(model: str, work: str) -> tuple[str, str]:
-    """The encoder takes 4 flattened 4x4 patches (N, 4, 16): convert the image files once."""
-    if model != "digits_encoder":
-        return str(CALIB), str(TEST)
+def _calib_for(model: str, work: str, unlabelled: bool) -> tuple[str, str]:
+    """The encoder takes 4 flattened 4x4 patches (N, 4, 16): convert the image files once; drop
+    the calibration labels with ``unlabelled``."""
     import numpy as np
 
     from samples.digits_transformers import to_patches
 
     out = []
-    for src in (CALIB, TEST):
+    for src, keep_labels in ((CALIB, not unlabelled), (TEST, True)):
         z = dict(np.load(src))
         x = next(v for k, v in z.items() if k != "labels")
-        dst = Path(work) / f"enc_{src.name}"
-        np.savez(dst, input=np.asarray(to_patches(x), np.float32), labels=z["labels"])
+        dst = Path(work) / f"{model}_{src.name}"
+        if model == "digits_encoder":
+            x = np.asarray(to_patches(x), np.float32)
+        np.savez(dst, input=x, **({"labels": z["labels"]} if keep_labels else {}))
         out.append(str(dst))
     return out[0], out[1]
 
@@ -75,32 +79,37 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="0.7,0.5")
     ap.add_argument("--criteria", default="magnitude,taylor,fisher,kron-obd")
+    ap.add_argument("--samples", default="128,256", help="calibration sizes to compare")
+    ap.add_argument("--unlabelled", action="store_true", help="calibrate without the labels")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transformers_digits"))
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for model, path in MODELS.items():
             path = path or _dynamo_encoder(work)
-            calib, test = _calib_for(model.replace("_dynamo", ""), work)
-            for ratio in (float(b) for b in args.budgets.split(",")):
-                for criterion in args.criteria.split(","):
-                    for comp in ([None] if criterion == "magnitude" else [True, False]):
-                        cfg = PruneConfig(criterion=criterion, budget=Budget("flops", ratio, best_effort=True),
-                                          calib=calib, eval_data=test, compensate=comp, force=True)
-                        t = time.perf_counter()
-                        rep = prune(path, Path(work) / "out.onnx", cfg)
-                        row = {"model": model, "keep_flops": ratio, "criterion": criterion,
-                               "compensation": rep["compensation"], "accuracy_before": rep["accuracy"]["before"],
-                               "accuracy_after": rep["accuracy"]["after"], "macs_ratio": rep["totals"]["macs_ratio"],
-                               "budget_met": rep["budget_met"], "seconds": round(time.perf_counter() - t, 2),
-                               **heads_and_neurons(rep)}
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+            calib, test = _calib_for(model.replace("_dynamo", ""), work, args.unlabelled)
+            for ratio, criterion, samples in itertools.product(
+                    [float(b) for b in args.budgets.split(",")], args.criteria.split(","),
+                    [int(n) for n in args.samples.split(",")]):
+                for comp in ([None] if criterion == "magnitude" else [True, False]):
+                    cfg = PruneConfig(criterion=criterion, budget=Budget("flops", ratio, best_effort=True),
+                                      calib=calib, eval_data=test, compensate=comp, force=True, samples=samples)
+                    t = time.perf_counter()
+                    rep = prune(path, Path(work) / "out.onnx", cfg)
+                    row = {"model": model, "keep_flops": ratio, "criterion": criterion, "samples": samples,
+                           "loss": rep.get("loss"),
+                           "compensation": rep["compensation"], "accuracy_before": rep["accuracy"]["before"],
+                           "accuracy_after": rep["accuracy"]["after"], "macs_ratio": rep["totals"]["macs_ratio"],
+                           "budget_met": rep["budget_met"], "seconds": round(time.perf_counter() - t, 2),
+                           **heads_and_neurons(rep)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     Path(args.out + ".json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| model (dense acc.) | keep-flops | criterion | compensation | accuracy | MACs kept | heads kept | "
-             "MLP neurons kept | s |", "|" + "---|" * 9]
+    lines = ["| model (dense acc.) | keep-flops | criterion | calibration | compensation | accuracy | MACs kept | "
+             "heads kept | MLP neurons kept | s |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['model']} ({r['accuracy_before']:.1%}) | {r['keep_flops']} | {r['criterion']} | "
+                     f"{r['samples']} ({r['loss']}) | "
                      f"{r['compensation'] or 'none'} | {r['accuracy_after']:.1%} | {r['macs_ratio']:.1%}"
                      f"{'' if r['budget_met'] else ' (not reachable)'} | {r['heads_kept']} | {r['neurons_kept']} | "
                      f"{r['seconds']} |")
