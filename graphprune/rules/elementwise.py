@@ -168,7 +168,8 @@ class BroadcastRule(Rule):
             elif d in (n, None) and uniform_operand(st, node, t, a_i, first.ids):
                 operand_vals.append(np.nan)  # the same for every channel (a mask expanded over the heads)
             else:
-                return self.unknown(node, st, f"{node.op} operand of unknown channel layout")
+                return self.unknown(node, st, f"{node.op} operand of unknown channel layout (computed at run "
+                                              "time: a graph input, a sinusoidal positional embedding, ...)")
         with np.errstate(all="ignore"):
             vals = _finite_or_nan(np.broadcast_to(_NARY[node.op](*operand_vals), (n,)))
         st.set(node.outputs[0], ChannelInfo(ax, first.ids, vals))
