@@ -391,3 +391,44 @@ def test_eigendamage_channel_ranks_like_brute_force(fitted):
     for s in (est, group_scores):
         rho = np.corrcoef(np.argsort(np.argsort(s)), np.argsort(np.argsort(fitted["plain"])))[0, 1]
         assert rho > 0.6, rho
+
+
+def test_obs_of_a_grouped_conv_reaches_each_groups_least_squares_optimum():
+    """A grouped conv's rows only see their own group's inputs: layer-wise OBS must use each
+    group's input second moment (a factor shared over the groups gives another, worse update).
+    Removing one tile (the same input channel of every group) must land on the per-group
+    least-squares optimum of the layer output, bias included."""
+    rng = np.random.default_rng(5)
+    n, groups, cin, mid, out = 64, 2, 3, 8, 6
+    x = rng.standard_normal((n, cin, 5, 5)).astype(np.float32)
+    w1, b1 = rng.standard_normal((mid, cin, 1, 1)), rng.standard_normal(mid) * 0.3
+    w2, b2 = rng.standard_normal((out, mid // groups, 3, 3)), rng.standard_normal(out)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["y"], group=groups, pads=[1, 1, 1, 1])]
+    model = load_via_file(make_model(nodes, [("x", ["N", cin, 5, 5])], [("y", ["N", out, 5, 5])],
+                                     [arr("w1", w1), arr("b1", b1), arr("w2", w2), arr("b2", b2)]))
+    tr, ctx = stats_for(model, x, None, "gauss-newton", {"kfac"}, damping=1e-9)
+    g = next(gr for gr in tr.groups if gr.prunable)
+    assert g.size == mid // groups and g.channels_per_unit == groups  # tiles
+    removed = {int(g.units[0])}
+    keep = tr.kept_fn(removed)
+    kept_ch = keep(tr.state.infos["h"].ids)
+    new_w = np.asarray(compensate(ctx, keep, "obs", damping=1e-9)["w2"], dtype=np.float64)
+    new_b = np.asarray(compensate(ctx, keep, "obs", damping=1e-9)["b2"], dtype=np.float64)
+    # brute force per group: least squares of the group's output rows on its kept input patches
+    r = np.maximum(np.einsum("oc,nchw->nohw", w1[:, :, 0, 0], x) + b1[None, :, None, None], 0)
+    rp = np.pad(r, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    patches = np.stack([rp[:, :, i:i + 5, j:j + 5] for i in range(3) for j in range(3)], axis=2)  # n, c, 9, 5, 5
+    per = mid // groups
+    rows = out // groups
+    for gi in range(groups):
+        chans = np.arange(gi * per, (gi + 1) * per)
+        P = patches[:, chans].transpose(0, 3, 4, 1, 2).reshape(-1, per * 9)  # (n*25, per*9), channel-major
+        target = P @ w2[gi * rows:(gi + 1) * rows].reshape(rows, -1).T + b2[gi * rows:(gi + 1) * rows]
+        cols = np.repeat(kept_ch[chans], 9)
+        design = np.concatenate([P[:, cols], np.ones((len(P), 1))], axis=1)
+        sol, *_ = np.linalg.lstsq(design, target, rcond=None)
+        got_w = new_w[gi * rows:(gi + 1) * rows].reshape(rows, -1)
+        np.testing.assert_allclose(got_w[:, cols], sol[:-1].T, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(got_w[:, ~cols], 0)
+        np.testing.assert_allclose(new_b[gi * rows:(gi + 1) * rows], sol[-1], rtol=1e-3, atol=1e-3)

@@ -23,6 +23,10 @@ from .layers import LayerView
 class LayerStats:
     A: torch.Tensor | None = None  # (cols+1, cols+1) summed, divide by a_count
     a_count: int = 0
+    #: grouped convolutions: the input factor of each conv group (groups, cols+1, cols+1) summed, divide
+    #: by a_count / groups; layer-wise OBS needs it (a row only sees its own group's inputs), while the
+    #: K-FAC criteria share A over the groups
+    Ag: torch.Tensor | None = None
     S: torch.Tensor | None = None  # (out, out) summed over samples, divide by n
     fisher: torch.Tensor | None = None  # (out, cols+1) Σ_n g_n²
     finv: torch.Tensor | None = None  # (out, cols+1, cols+1) Woodbury-updated inverse
@@ -71,7 +75,12 @@ class _Accumulator:
             a = _augment(view.patches(x[s:s + self.chunk]).to(torch.float32))
             ds = view.out_grads(g[s:s + self.chunk].to(torch.float32)) * self.batch_size  # per-sample loss
             if "kfac" in self.needs:
-                aa = torch.einsum("ngit,ngjt->ij", a, a)
+                if a.shape[1] > 1:
+                    aag = torch.einsum("ngit,ngjt->gij", a, a)
+                    st.Ag = aag if st.Ag is None else st.Ag + aag
+                    aa = aag.sum(0)
+                else:
+                    aa = torch.einsum("ngit,ngjt->ij", a, a)
                 st.A = aa if st.A is None else st.A + aa
                 st.a_count += a.shape[0] * a.shape[1] * a.shape[3]
                 d = ds.reshape(ds.shape[0], -1, ds.shape[3])  # (N, out, T)
@@ -115,7 +124,7 @@ def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8,
         c = v.cols + 1
         out["executor"] += (1 if weights_shared else 2) * 4 * v.out * c
         if "kfac" in needs:
-            out["kfac"] += 4 * (c * c + v.out * v.out)
+            out["kfac"] += 4 * (c * c * (1 + (v.groups if v.groups > 1 else 0)) + v.out * v.out)
         if "fisher_diag" in needs:
             out["fisher_diag"] += 4 * v.out * c
         if "woodfisher" in needs:

@@ -1,7 +1,8 @@
 """Weight compensation after channel removal (METHODS §4, §6).
 
 * layer-wise OBS (every criterion): a consumer that loses input columns J updates its remaining
-  columns (and bias) with H = A, its damped input second moment:
+  columns (and bias) with H = A, its damped input second moment (for a grouped convolution, each
+  group's rows with that group's own A):
   δW = −W_J ([H⁻¹]_JJ)⁻¹ [H⁻¹]_J,:
 * kron-obs additionally updates a producer's remaining rows with S:
   δW_rest = −[S⁻¹]_rest,I ([S⁻¹]_II)⁻¹ W_I
@@ -64,8 +65,16 @@ def compensate(ctx, keep_fn, method: str = "obs", damping: float = 1e-3) -> dict
                 Wm[:, J] = 0.0
             W[:, idx] = Wm
         else:
-            A = damped(st.A.to(DTYPE) / max(st.a_count, 1), damping)[idx, idx]
-            W[:, idx] = _obs_update(W[:, idx].clone(), torch.linalg.inv(A), J)
+            if st.Ag is not None:  # grouped conv: each group's rows with that group's input factor
+                groups = st.Ag.shape[0]
+                rows = view.out // groups
+                for g in range(groups):
+                    A = damped(st.Ag[g].to(DTYPE) * groups / max(st.a_count, 1), damping)[idx, idx]
+                    r = slice(g * rows, (g + 1) * rows)
+                    W[r, idx] = _obs_update(W[r, idx].clone(), torch.linalg.inv(A), J)
+            else:
+                A = damped(st.A.to(DTYPE) / max(st.a_count, 1), damping)[idx, idx]
+                W[:, idx] = _obs_update(W[:, idx].clone(), torch.linalg.inv(A), J)
             if method == "kron-obs" and not rows_keep.all():
                 S = damped(st.S.to(DTYPE) / max(st.n, 1), damping)
                 Sinv = torch.linalg.inv(S)
