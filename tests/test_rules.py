@@ -161,8 +161,8 @@ def test_conv(bias):
     assert pshape(pruned, "h") == ["N", 4, 8, 8]
 
 
-def test_grouped_conv_prunes_in_tiles():
-    g = 4
+def test_two_group_conv_prunes_in_tiles():
+    g = 2
     nodes, inits = chain(stem(c=16),
                          ([node("Conv", ["h", "gw", "gb"], ["z"], group=g, pads=[1] * 4)],
                           [const("gw", (16, 16 // g, 3, 3)), const("gb", (16,))]),
@@ -171,16 +171,41 @@ def test_grouped_conv_prunes_in_tiles():
     tr = traced(m)
     for t in ("h", "z"):
         gr = group_of(tr, t)
-        assert gr.prunable and gr.size == 4 and gr.channels_per_unit == 4
+        assert gr.prunable and gr.size == 8 and gr.channels_per_unit == 2
     tr, pruned, kept = prune(m)
     assert pattr(pruned, "z", "group") == g
     kh, kz = kept_of(tr, kept, "h"), kept_of(tr, kept, "z")
     # the same position is kept in every tile
-    assert (kh.reshape(g, 4) == kh.reshape(g, 4)[0]).all() and (kz.reshape(g, 4) == kz.reshape(g, 4)[0]).all()
-    assert kh.sum() == 8 and kz.sum() == 8 and kh.sum() % g == 0
-    assert pinput(pruned, "z", 1).shape == (8, 2, 3, 3)
+    assert (kh.reshape(g, 8) == kh.reshape(g, 8)[0]).all() and (kz.reshape(g, 8) == kz.reshape(g, 8)[0]).all()
+    assert kh.sum() == 8 and kz.sum() == 8
+    assert pinput(pruned, "z", 1).shape == (8, 4, 3, 3)
     assert pinput(pruned, "z", 2).shape == (8,)
     assert pinput(pruned, "y", 1).shape == (4, 8, 1, 1)
+
+
+@pytest.mark.parametrize("g,out_per_group", [(4, 4), (4, 8), (8, 2)])
+def test_grouped_conv_with_a_cardinality_prunes_whole_groups(g, out_per_group):
+    """ResNeXt/RegNet: a unit is one conv group (its input and output channels); the kept groups
+    are re-packed with ``group`` = their count and full per-group width (checked against the masked
+    original by prune())."""
+    cg = 16 // g
+    m_out = g * out_per_group
+    nodes, inits = chain(stem(c=16),
+                         ([node("Conv", ["h", "gw", "gb"], ["z"], group=g, pads=[1] * 4)],
+                          [const("gw", (m_out, cg, 3, 3)), const("gb", (m_out,))]),
+                         ([node("Relu", ["z"], ["r"])], []), head("r", m_out))
+    m = make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits)
+    tr = traced(m)
+    gr = group_of(tr, "h")
+    assert gr is group_of(tr, "z") and gr.prunable and gr.size == g and gr.channels_per_unit == cg
+    tr, pruned, kept = prune(m)
+    kh, kz = kept_of(tr, kept, "h"), kept_of(tr, kept, "z")
+    kept_groups = kh.reshape(g, cg)[:, 0]
+    assert (kh.reshape(g, cg) == kept_groups[:, None]).all()  # whole input groups
+    assert (kz.reshape(g, out_per_group) == kept_groups[:, None]).all()  # with their outputs
+    assert pattr(pruned, "z", "group") == kept_groups.sum() == g // 2
+    assert pinput(pruned, "z", 1).shape == (g // 2 * out_per_group, cg, 3, 3)  # per-group width kept
+    np.testing.assert_array_equal(pinput(pruned, "z", 1), numpy_helper.to_array(inits[2])[kz])
 
 
 @pytest.mark.parametrize("mult", [1, 2])

@@ -71,7 +71,22 @@ class ConvRule(Rule):
                 st.member(node, 2, 0, ids, "param")
             st.layer(node, coef, ids, m, None, 1)
             st.needs_rewrite(node, self)
-        else:
+        elif g >= 3 and xi is not None and len(xi) == cg * g and m % g == 0:
+            # grouped conv with a cardinality (ResNeXt, RegNet): a unit is one whole conv group, its
+            # cg input and m/g output channels; the kept groups are re-packed and ``group`` becomes
+            # their count. (Tiles, the same index of every group, would cut each group to a sliver:
+            # the held-out RegNet-SE collapsed at 1 of 8 channels per group.)
+            groups_in = xi.ids.reshape(g, cg)
+            for gi in range(g):
+                st.union(np.full(cg - 1, groups_in[gi, 0]), groups_in[gi, 1:])
+            out_ids = np.repeat(groups_in[:, 0], m // g)
+            st.set(y, ChannelInfo(1, out_ids))
+            st.member(node, 1, 0, out_ids, "param")
+            if has_b:
+                st.member(node, 2, 0, out_ids, "param")
+            st.layer(node, coef, out_ids, m, None, cg)
+            st.needs_rewrite(node, self, cg)
+        else:  # two groups (a merge of two branches), or an input that is not traced: tiles
             if xi is not None:
                 if len(xi) != cg * g:
                     return self.unknown(node, st, "Conv input width does not match its weight")
@@ -86,8 +101,9 @@ class ConvRule(Rule):
             st.layer(node, coef, out.ids, m, None if xi is None else xi.ids[:cg], cg)
 
     def rewrite(self, node, ctx, data) -> None:
+        """``group`` = kept input channels / channels per group (depthwise: 1; whole groups: cg)."""
         xi = ctx.info(node.inputs[0])
-        node.attrs["group"] = ctx.kept_count(xi.ids)
+        node.attrs["group"] = ctx.kept_count(xi.ids) // (data or 1)
 
 
 class ConvTransposeRule(Rule):
