@@ -77,11 +77,11 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
         s = np.asarray(scores[g.id], dtype=np.float64)
         if len(s) != g.size:
             raise ValueError(f"criterion returned {len(s)} scores for group {g.id} of size {g.size}")
-        max_remove = min(int(math.floor(budget.cap * g.size)), g.size - 1)
+        max_remove = min(int(math.floor(budget.cap * g.size)), g.size - g.min_keep)
         order = np.argsort(s, kind="stable")
         if budget.kind == "lossless":
             order = order[s[order] == 0]  # proven-zero units only, no cap: removing them changes nothing
-            max_remove = min(g.size - 1, len(order))
+            max_remove = min(g.size - g.min_keep, len(order))
         queues[g.id] = _blocks(order, g.size, _step(g, budget.round_to), max_remove)
 
     taken: dict[int, list[np.ndarray]] = {}  # per group, the blocks removed, in order

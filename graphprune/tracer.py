@@ -27,10 +27,11 @@ class Group:
     sources: list[Source]
     frozen: list[str] = field(default_factory=list)
     channels_per_unit: int = 1
+    min_keep: int = 1  # units that always stay (at least one; 3 whole groups of a grouped conv)
 
     @property
     def prunable(self) -> bool:
-        return not self.frozen and len(self.units) > 1
+        return not self.frozen and len(self.units) > self.min_keep
 
     @property
     def size(self) -> int:
@@ -556,6 +557,10 @@ def _build(graph: gs.Graph, st: TraceState, opset: int) -> Trace:
     unit_pos = np.full(len(roots), -1, dtype=np.int64)
     for r, (gid, pos) in position.items():
         unit_gid[r], unit_pos[r] = gid, pos
+    for ids, n in st.min_units:
+        for gid in np.unique(unit_gid[roots[ids]]).tolist():
+            if gid >= 0:
+                groups[gid].min_keep = max(groups[gid].min_keep, n)
     return Trace(graph, st, roots, groups, unit_gid, unit_pos, opset)
 
 

@@ -98,9 +98,21 @@ def test_structure_vgg_flatten_gemm_blocks(zoo_model, tmp_path):
     assert w.dims[k_axis] % last_conv_group["kept"] == 0  # a channel is a block of H*W features
 
 
-def test_structure_grouped_convs_prune_in_tiles(zoo_model):
-    groups = _groups("resnext", zoo_model)
-    assert any(g["channels_per_unit"] > 1 and g["prunable"] for g in groups)
+def test_structure_grouped_convs_prune_whole_groups(zoo_model):
+    groups = _groups("resnext", zoo_model)  # cardinality 8, 4 channels per group
+    assert any(g["channels_per_unit"] == 4 and g["size"] == 8 and g["prunable"] for g in groups)
+
+
+@pytest.mark.parametrize("name", ["resnext", "regnet_se"])
+def test_grouped_convs_prune_over_several_rounds(zoo_model, tmp_path, name):
+    """A conv pruned by whole groups keeps at least 3, so the next round traces the same structure."""
+    rep = prune(zoo_model(name, "torchscript"), tmp_path / "p.onnx",
+                PruneConfig(criterion="magnitude", budget=Budget("flops", 0.4), steps=3))
+    assert rep["verification"]["ok"] and rep["budget_met"], rep["verification"]
+    pruned = onnx.load(str(tmp_path / "p.onnx"))
+    groups = [next(a.i for a in n.attribute if a.name == "group") for n in pruned.graph.node
+              if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert groups and all(k >= 3 for k in groups)
 
 
 @pytest.mark.parametrize("opset", [21, 24, 26, onnx.defs.onnx_opset_version()])

@@ -137,6 +137,9 @@ class TraceState:
         self.folded: set[str] = set()
         #: the batch the static shapes were measured at (1 unless the model fixes it): costs are per sample
         self.batch = 1
+        #: (ids, n): the group holding these ids keeps at least n units (a pruned structure must stay
+        #: the same kind of structure, e.g. a conv pruned by whole groups keeps 3 of them)
+        self.min_units: list[tuple[np.ndarray, int]] = []
 
     # ---- tensors -------------------------------------------------------------------
     def info(self, tensor) -> ChannelInfo | None:
@@ -197,6 +200,9 @@ class TraceState:
             info = self.info(t)
             if info is not None:
                 self.freeze(info.ids, reason)
+
+    def keep_at_least(self, ids, n: int) -> None:
+        self.min_units.append((np.asarray(ids, dtype=np.int64), int(n)))
 
     def source(self, node, tensor, axis: int, n: int, vals=None, tile: int = 1) -> ChannelInfo:
         """New channels created by a layer; ``tile`` > 1 repeats n ids g times (grouped conv outputs)."""

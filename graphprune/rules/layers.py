@@ -86,6 +86,7 @@ class ConvRule(Rule):
                 st.member(node, 2, 0, out_ids, "param")
             st.layer(node, coef, out_ids, m, None, cg)
             st.needs_rewrite(node, self, cg)
+            st.keep_at_least(groups_in[:, 0], 3)  # stays a conv of whole groups when traced again
         else:  # two groups (a merge of two branches), or an input that is not traced: tiles
             if xi is not None:
                 if len(xi) != cg * g:
