@@ -75,7 +75,7 @@ class _Accumulator:
             a = _augment(view.patches(x[s:s + self.chunk]).to(torch.float32))
             ds = view.out_grads(g[s:s + self.chunk].to(torch.float32)) * self.batch_size  # per-sample loss
             if "kfac" in self.needs:
-                if a.shape[1] > 1:
+                if a.shape[1] > 1 and view.cols > view.taps:  # grouped, not depthwise (nothing to compensate)
                     aag = torch.einsum("ngit,ngjt->gij", a, a)
                     st.Ag = aag if st.Ag is None else st.Ag + aag
                     aa = aag.sum(0)
@@ -124,7 +124,8 @@ def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8,
         c = v.cols + 1
         out["executor"] += (1 if weights_shared else 2) * 4 * v.out * c
         if "kfac" in needs:
-            out["kfac"] += 4 * (c * c * (1 + (v.groups if v.groups > 1 else 0)) + v.out * v.out)
+            per_group = v.groups if v.groups > 1 and v.cols > v.taps else 0  # Ag of grouped convs
+            out["kfac"] += 4 * (c * c * (1 + per_group) + v.out * v.out)
         if "fisher_diag" in needs:
             out["fisher_diag"] += 4 * v.out * c
         if "woodfisher" in needs:

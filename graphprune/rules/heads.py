@@ -193,7 +193,7 @@ def _through_expand(st, p, shp, axis, chain, sites, depth) -> bool:
 def _through_reshape(st, p, shp, axis, folded, chain, sites, depth) -> bool:
     """Unfold (B*H, ...) -> (B, H, ...) with H a constant or -1, or fold (B, H, ...) -> (B*H, ...)
     with B*H written as ``Shape(x)[k] * H`` or -1; the other entries must not change with pruning."""
-    from .structural import _literal_zero, _reads_channels, _shape_elements
+    from .structural import _literal_zero, _runtime_size, _shape_elements
 
     x = p.inputs[0]
     xs = st.cost_shape(x)
@@ -203,14 +203,8 @@ def _through_reshape(st, p, shp, axis, folded, chain, sites, depth) -> bool:
     if _literal_zero(p, elements):
         return False
 
-    def fixed(e) -> bool:  # a dim not read off traced channels, a constant, or dim x constant
-        if e is None:
-            return False
-        if e[0] == "dim":
-            return not _reads_channels(st, e)
-        if e[0] == "mul":
-            return e[1] is not None and e[1][0] == "dim" and not _reads_channels(st, e[1])
-        return e[0] == "const"
+    def fixed(e) -> bool:  # a size pruning cannot change, or a constant
+        return _runtime_size(st, e) or e is not None and e[0] == "const"
 
     def others_ok(skip: int, minus_one_left: bool) -> bool:
         for i, e in enumerate(elements):

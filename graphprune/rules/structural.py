@@ -570,6 +570,16 @@ def _reads_channels(st: TraceState, e) -> bool:
     return ti is not None and ti.axis == e[2]
 
 
+def _runtime_size(st: TraceState, e) -> bool:
+    """Is the shape entry a size read at run time that pruning cannot change: a dim not read off
+    traced channels, or such a dim times a constant (B*H)?"""
+    if e is None:
+        return False
+    if e[0] == "mul":
+        e = e[1]
+    return e is not None and e[0] == "dim" and not _reads_channels(st, e)
+
+
 def _computed_entry(node, st: TraceState, k: int, width: int):
     """For a Reshape whose target shape is computed: where its entry k (the channel axis, ``width``
     wide) is written, "free" when it is -1 (it follows the pruned width at run time), or None when
@@ -674,9 +684,8 @@ def _merge_folded(st: TraceState, xi: ChannelInfo, elements, shp_in, shp_out):
     c_el = elements[-1]
     free = c_el is not None and c_el[0] == "const" and c_el[1] == -1
     for i, e in enumerate(elements[:-1]):
-        if e is not None and (e[0] == "dim" and not _reads_channels(st, e)
-                              or e[0] == "mul" and e[1] is not None and e[1][0] == "dim" and not _reads_channels(st, e[1])
-                              or e[0] == "const" and (e[1] == shp_out[i] and e[1] > 0 or e[1] == -1 and not free)):
+        if _runtime_size(st, e) or e is not None and e[0] == "const" and (e[1] == shp_out[i] and e[1] > 0
+                                                                           or e[1] == -1 and not free):
             continue
         return "Reshape merges heads folded into the batch axis with a dimension it cannot keep"
     if free:
