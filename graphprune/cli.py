@@ -112,8 +112,13 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     cv.add_argument("--samples", type=int, default=128, metavar="N", help="calibration samples to use (default 128)")
     cv.add_argument("--batch-size", type=int, default=32, metavar="B", help="mini-batch size (default 32)")
     cv.add_argument("--loss", default="auto",
-                    help="auto (labels if given, else true Fisher for classifiers, Gauss-Newton otherwise), "
-                         "labels, true-fisher, empirical-fisher, gauss-newton")
+                    help="auto (labels if given and output 0 is N x classes; else by each output's kind: a "
+                         "Softmax/LogSoftmax output, or one summing to one along an axis, is a categorical per "
+                         "position sampled from the model (true Fisher), a Sigmoid a Bernoulli per score, plain "
+                         "N x C logits the classifier's true Fisher, anything else Gauss-Newton; several outputs: "
+                         "the sum), labels, true-fisher, empirical-fisher, gauss-newton, categorical[:AXIS] "
+                         "(a categorical per position over AXIS of output 0; default the softmax axis, else the "
+                         "last axis of N x T x C, else axis 1), bernoulli; an explicit kind applies to output 0")
     comp = cv.add_mutually_exclusive_group()
     comp.add_argument("--compensate", nargs="?", const=True, default=None, metavar="METHOD",
                       help="update kept weights (OBS); default on for curvature criteria; METHOD obs|kron-obs|woodfisher")

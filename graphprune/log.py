@@ -35,12 +35,36 @@ class Timer:
         return False
 
 
-def progress(stage: str, done: int, total: int) -> None:
-    """A progress line for long stages: redrawn in place on a terminal, else every ~10%."""
+_started: dict[str, float] = {}
+
+
+def _secs(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def progress(stage: str, done: int, total: int, *, items: int | None = None, total_items: int | None = None,
+             unit: str = "samples") -> None:
+    """A progress line for long stages: redrawn in place on a terminal, else every ~10%. Call it with
+    ``done=0`` before the first step to start the clock; with ``items`` (e.g. samples done of
+    ``total_items``) the line gives the rate and the time left, from the first step on."""
     if _quiet or total <= 1:
         return
+    now = time.perf_counter()
+    if done == 0 or stage not in _started:
+        _started[stage] = now
+        if done == 0:
+            return
+    line = f"graphprune: {stage} {done}/{total}"
+    elapsed = now - _started[stage]
+    if items is not None and total_items and elapsed > 0:
+        rate = items / elapsed
+        line += f" ({items}/{total_items} {unit}, {rate:.1f} {unit}/s, "
+        line += f"ETA {_secs((total_items - items) / rate)})" if done < total else f"{_secs(elapsed)})"
     if sys.stderr.isatty():
         end = "\n" if done == total else ""
-        print(f"\rgraphprune: {stage} {done}/{total}", end=end, file=sys.stderr, flush=True)
-    elif done == total or done % max(1, total // 10) == 0:
-        print(f"graphprune: {stage} {done}/{total}", file=sys.stderr, flush=True)
+        print(f"\r{line}\033[K", end=end, file=sys.stderr, flush=True)
+    elif done == total or done == 1 or done % max(1, total // 10) == 0:
+        print(line, file=sys.stderr, flush=True)
+    if done == total:
+        _started.pop(stage, None)

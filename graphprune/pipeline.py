@@ -211,7 +211,7 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
 
     t = time.perf_counter()
     data = load_calib(model, config.calib, config.samples, config.seed, shapes=tr.input_shapes)
-    loss_kind = resolve_loss(config.loss, data, tr.state.cost_shape(tr.graph.outputs[0]))
+    loss_kind = resolve_loss(config.loss, data, tr.graph, tr.state)  # a LossSpec: str, per-output parts
     ctx.views = layer_views(tr.graph, tr.state)
     need = estimate_bytes(ctx.views, needs, weights_shared=str(config.device).split(":")[0] == "cpu")
     limit = config.max_memory or int(0.8 * (available_bytes() or 1 << 60))

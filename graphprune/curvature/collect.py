@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import log
-from .data import CalibData, loss_value
+from .data import CalibData, as_spec
 from .layers import LayerView
 
 
@@ -154,18 +154,21 @@ def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, ne
     layer_needs = needs & {"kfac", "fisher_diag", "woodfisher"}
     tg.recorder = acc.record if layer_needs else None
     gen = torch.Generator().manual_seed(seed)
+    spec = as_spec(loss_kind)
     n_batches = (len(data) + batch_size - 1) // batch_size
+    log.progress("statistics", 0, n_batches)  # starts the clock for samples/s and the ETA
+    seen = 0
     for k, (feeds, labels) in enumerate(data.batches(batch_size)):
         acc.batch_size = len(next(iter(feeds.values())))
         inputs = {name: torch.from_numpy(np.ascontiguousarray(v)).to(device) for name, v in feeds.items()}
         tg.zero_grad(set_to_none=True)
-        out = tg(**inputs)[0]
+        outs = tg(**inputs)
         lab = None if labels is None else torch.from_numpy(labels).to(device)
-        loss = loss_value(loss_kind, out.reshape(out.shape[0], -1) if out.dim() > 2 and loss_kind != "gauss-newton"
-                          else out, lab, gen)
+        loss = spec.value(outs, lab, gen, acc.batch_size)  # Σ over outputs, mean over samples (data.LossSpec)
         loss.backward()
         if on_batch is not None:
             on_batch(tg)
-        log.progress("statistics", k + 1, n_batches)
+        seen += acc.batch_size
+        log.progress("statistics", k + 1, n_batches, items=seen, total_items=len(data))
     tg.recorder = None
-    return Stats(acc.stats, len(data), loss_kind, time.perf_counter() - t0)
+    return Stats(acc.stats, len(data), str(spec), time.perf_counter() - t0)
