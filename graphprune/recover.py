@@ -1,0 +1,266 @@
+"""Recovery: train a pruned model's kept weights to match the dense model (label-free distillation).
+
+The structure never changes: only the values of existing initializers (convolution and linear
+weights and biases, normalisation scales and shifts) are trained, and they are written back into the
+same initializers, so the result passes the same structural verification as weight compensation (the
+original graph carrying the recovered weights, scattered back to their channels, computes what the
+written file computes).
+
+Loss per graph output (METHODS §10):
+  * ``kl``   classifier logits (N, C): KL(p_dense ‖ p_pruned) at temperature τ, scaled by τ²;
+  * ``kl-probs`` / ``kl-logprobs``: the output of a Softmax / LogSoftmax node: the same KL per
+    position along the node's axis, averaged over the positions;
+  * ``mse``  anything else: mean squared error divided by the dense output's variance (scale-free);
+plus cross-entropy on output 0 when the calibration file has labels and output 0 is a classifier.
+
+Calibration inputs are split once (seeded): a held-out slice gives the early-stopping signal and the
+loss curve; the weights kept are those of the best held-out loss seen, the starting point included, so
+recovery never hands back a model that does worse on the held-out inputs than it started.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from . import log
+from .errors import UserError
+
+#: ops whose parameter inputs recovery trains, and which input positions those are
+TRAINED_INPUTS = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1),
+    "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
+    "GroupNormalization": (1, 2), "RMSNormalization": (1,), "SimplifiedLayerNormalization": (1,),
+}
+_SHAPE_ONLY = {"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+@dataclass
+class RecoverConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 32
+    holdout: float = 0.125  # fraction of the calibration inputs held out for early stopping
+    temperature: float = 1.0
+    anchor: float = 0.0  # L2 penalty on the change from the starting (compensated) weights
+    weight_decay: float = 0.0
+    eval_every: int = 0  # 0: about 20 evaluations over the run
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class RecoverResult:
+    values: dict[str, np.ndarray]  # initializer name -> trained value (only those that changed)
+    history: list[dict] = field(default_factory=list)  # {"step", "train_loss", "holdout_loss"}
+    best_step: int = 0
+    seconds: float = 0.0
+    losses: list[str] = field(default_factory=list)
+    samples: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        start = self.history[0]["holdout_loss"] if self.history else None
+        best = next((h["holdout_loss"] for h in self.history if h["step"] == self.best_step), None)
+        return {"steps": self.history[-1]["step"] if self.history else 0, "best_step": self.best_step,
+                "holdout_loss_before": start, "holdout_loss_after": best, "losses": self.losses,
+                "samples": self.samples, "seconds": round(self.seconds, 3), "curve": self.history,
+                "tensors": sorted(self.values)}
+
+
+def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def output_kinds(model: onnx.ModelProto) -> list[tuple[str, int | None]]:
+    """(kind, axis) per graph output: see the module docstring."""
+    prod = _producer_map(model.graph)
+    out = []
+    for i, o in enumerate(model.graph.output):
+        node, name = prod.get(o.name), o.name
+        while node is not None and node.op_type in ("Identity",):
+            node = prod.get(node.input[0])
+        kind, axis = None, None
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            opset = next((x.version for x in model.opset_import if x.domain in ("", "ai.onnx")), 13)
+            axis = int(attrs.get("axis", -1 if opset >= 13 else 1))
+            kind = "kl-probs" if node.op_type == "Softmax" else "kl-logprobs"
+            dims = o.type.tensor_type.shape.dim
+            rank = len(dims)
+            if opset < 13 and rank and (axis % rank) != rank - 1:
+                kind, axis = "mse", None  # "flatten from axis" semantics over several dims: stay generic
+        else:
+            dims = o.type.tensor_type.shape.dim
+            if len(dims) == 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value == 1):
+                kind, axis = "kl", 1
+            else:
+                kind = "mse"
+        out.append((kind, axis))
+        del name
+    return out
+
+
+def trainable_names(model: onnx.ModelProto, allowed: set[str] | None = None) -> list[str]:
+    """Float initializers feeding the parameter inputs of TRAINED_INPUTS ops (and, if given, in ``allowed``)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        for k in TRAINED_INPUTS.get(node.op_type, ()):
+            if k < len(node.input) and node.input[k] in inits:
+                init = inits[node.input[k]]
+                if init.data_type == onnx.TensorProto.FLOAT and (allowed is None or init.name in allowed):
+                    names.append(init.name)
+    return list(dict.fromkeys(names))
+
+
+def _distill_loss(kinds, outs, teach, labels, T: float, ce_on: bool) -> torch.Tensor:
+    total = outs[0].new_zeros(())
+    for (kind, axis), o, t in zip(kinds, outs, teach):
+        if kind == "kl":
+            lp, lq = F.log_softmax(o / T, dim=1), F.log_softmax(t / T, dim=1)
+            total = total + (lq.exp() * (lq - lp)).sum(1).mean() * T * T
+        elif kind in ("kl-probs", "kl-logprobs"):
+            if kind == "kl-probs":
+                lp, lq = o.clamp_min(1e-12).log(), t.clamp_min(1e-12).log()
+            else:
+                lp, lq = o, t
+            kl = (lq.exp() * (lq - lp)).sum(axis)
+            total = total + kl.mean()
+        else:
+            scale = t.float().var().clamp_min(1e-12)
+            total = total + (o - t).pow(2).mean() / scale
+    if ce_on and labels is not None:
+        kind, axis = kinds[0]
+        o = outs[0]
+        total = total + (F.nll_loss(o.clamp_min(1e-12).log(), labels) if kind == "kl-probs"
+                         else F.nll_loss(o, labels) if kind == "kl-logprobs" else F.cross_entropy(o, labels))
+    return total
+
+
+def teacher_outputs(dense, inputs: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:
+    """The dense model's outputs on the calibration inputs (onnxruntime; ``dense``: a ModelProto or
+    GraphModel)."""
+    from .runtime import run, session
+
+    sess = session(dense)
+    n = len(next(iter(inputs.values())))
+    parts: list[list[np.ndarray]] = []
+    for s in range(0, n, batch):
+        outs = run(sess, {k: v[s:s + batch] for k, v in inputs.items()})
+        parts.append([np.asarray(o) for o in outs])
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: list[np.ndarray],
+            cfg: RecoverConfig, labels: np.ndarray | None = None, allowed: set[str] | None = None,
+            tag: str = "") -> RecoverResult:
+    """Distil ``pruned`` toward ``teacher`` (the dense outputs on ``inputs``). Returns trained values."""
+    from converters.onnx_to_torch import TorchGraph, UnsupportedOpError
+
+    if cfg.steps < 0:
+        raise UserError(f"--recover must be >= 0 steps, got {cfg.steps}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise UserError(f"--recover-lr must be a positive number, got {cfg.lr}")
+    if cfg.batch_size < 1:
+        raise UserError(f"--recover-batch must be >= 1, got {cfg.batch_size}")
+    t0 = time.perf_counter()
+    kinds = output_kinds(pruned)
+    names = trainable_names(pruned, allowed)
+    n = len(next(iter(inputs.values())))
+    if not names or cfg.steps == 0:
+        return RecoverResult({}, [], 0, time.perf_counter() - t0, [k for k, _ in kinds], {"train": n, "holdout": 0})
+    for (kind, _), t in zip(kinds, teacher):
+        if kind == "kl" and t.ndim != 2:
+            raise RuntimeError("internal error: classifier output is not 2-D")
+    try:
+        tg = TorchGraph(pruned, trainable=names, device=cfg.device, share_weights=False)
+    except UnsupportedOpError as exc:
+        raise UserError(f"{exc}; recovery needs the PyTorch executor (use --recover 0)") from None
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n, generator=gen)
+    n_hold = int(round(n * cfg.holdout)) if n >= 8 else 0
+    hold, train = order[:n_hold], order[n_hold:]
+    dev = torch.device(cfg.device)
+
+    def tensors(idx):
+        x = {k: torch.from_numpy(np.ascontiguousarray(v[idx.numpy()])).to(dev) for k, v in inputs.items()}
+        t = [torch.from_numpy(np.ascontiguousarray(a[idx.numpy()])).to(dev, torch.float32) for a in teacher]
+        y = None if labels is None else torch.from_numpy(labels[idx.numpy()]).to(dev)
+        return x, t, y
+
+    params = [tg.param(nm) for nm in names]
+    start = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    ce_on = labels is not None and kinds[0][0] != "mse"
+    T = float(cfg.temperature)
+
+    def holdout_loss() -> float:
+        if not n_hold:
+            return float("nan")
+        with torch.no_grad():
+            tot = 0.0
+            for s in range(0, n_hold, 64):
+                x, t, y = tensors(hold[s:s + 64])
+                tot += float(_distill_loss(kinds, tg(**x), t, y, T, ce_on)) * len(hold[s:s + 64])
+        return tot / n_hold
+
+    every = cfg.eval_every or max(1, cfg.steps // 20)
+    history = [{"step": 0, "train_loss": None, "holdout_loss": holdout_loss()}]
+    best_loss, best_step = history[0]["holdout_loss"], 0
+    best = [p.detach().clone() for p in params]
+    perm, pos, running, seen = torch.randperm(len(train), generator=gen), 0, 0.0, 0
+    for step in range(1, cfg.steps + 1):
+        if pos + cfg.batch_size > len(train):
+            perm, pos = torch.randperm(len(train), generator=gen), 0
+        idx = train[perm[pos:pos + cfg.batch_size]]
+        pos += cfg.batch_size
+        x, t, y = tensors(idx)
+        loss = _distill_loss(kinds, tg(**x), t, y, T, ce_on)
+        if cfg.anchor:
+            loss = loss + cfg.anchor * sum((p - s).pow(2).sum() for p, s in zip(params, start))
+        if not torch.isfinite(loss):
+            log.warn(f"recovery stopped at step {step}: the loss is not finite (try a smaller --recover-lr)")
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += float(loss.detach())
+        seen += 1
+        if step % every == 0 or step == cfg.steps:
+            h = holdout_loss()
+            history.append({"step": step, "train_loss": running / seen, "holdout_loss": h})
+            running, seen = 0.0, 0
+            if not n_hold or h < best_loss:
+                best_loss, best_step = h, step
+                best = [p.detach().clone() for p in params]
+            spent = time.perf_counter() - t0
+            log.info(f"{tag}recovery step {step}/{cfg.steps}: train loss {history[-1]['train_loss']:.4g}, "
+                     f"held-out {h:.4g} (best {best_loss:.4g} at step {best_step}); {spent:.0f} s, "
+                     f"ETA {spent / step * (cfg.steps - step):.0f} s")
+    values = {}
+    if best_step > 0:
+        for nm, p in zip(names, best):
+            values[nm] = p.detach().cpu().numpy().astype(np.float32)
+    return RecoverResult(values, history, best_step, time.perf_counter() - t0, [k for k, _ in kinds],
+                         {"train": len(train), "holdout": n_hold})
+
+
+def write_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Replace initializer values in place (same names, shapes and types: the structure is unchanged)."""
+    for init in model.graph.initializer:
+        if init.name in values:
+            old = numpy_helper.to_array(init)
+            new = values[init.name]
+            if new.shape != old.shape:
+                raise RuntimeError(f"internal error: recovered {init.name!r} changed shape")
+            init.CopyFrom(numpy_helper.from_array(new.astype(old.dtype), init.name))
+    return model

@@ -1,0 +1,216 @@
+"""Recovery by distillation (graphprune/recover.py, --recover, `graphprune recover`)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune import UserError
+from graphprune.pipeline import PruneConfig, evaluate, prune, verify
+from graphprune.planner import Budget
+from graphprune.recover import RecoverConfig, output_kinds, recover, teacher_outputs, trainable_names
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = str(ROOT / "samples" / "digits_resnet.onnx")
+CALIB = str(ROOT / "samples" / "digits_calib.npz")
+TEST = str(ROOT / "samples" / "digits_test.npz")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "graphprune.cli", "-q", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or ROOT)
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory) -> str:
+    with np.load(CALIB) as d:
+        path = tmp_path_factory.mktemp("recover") / "calib_unlabelled.npz"
+        np.savez(path, input=d["input"])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pruned_pair(tmp_path_factory, unlabelled):
+    """digits_resnet at 30% of its MACs (magnitude: no compensation, a large one-shot loss), once
+    one-shot and once with 40 recovery steps."""
+    d = tmp_path_factory.mktemp("pair")
+    out = {}
+    for name, rec in (("oneshot", 0), ("recovered", 40)):
+        cfg = PruneConfig(criterion="magnitude", budget=Budget("flops", 0.3), calib=unlabelled, eval_data=TEST,
+                          recover=rec)
+        out[name] = (str(d / f"{name}.onnx"), prune(SAMPLE, d / f"{name}.onnx", cfg))
+    return out
+
+
+def test_recovery_lowers_the_held_out_distillation_loss_and_raises_accuracy(pruned_pair):
+    _, rep = pruned_pair["recovered"]
+    rec = rep["recovery"]["rounds"][0]
+    assert rec["samples"] == {"train": 224, "holdout": 32}
+    assert rec["holdout_loss_after"] < 0.5 * rec["holdout_loss_before"]
+    assert rec["best_step"] > 0 and rec["tensors"]
+    assert [h["step"] for h in rec["curve"]][0] == 0 and rec["curve"][-1]["step"] == 40
+    one_shot = pruned_pair["oneshot"][1]["accuracy"]["after"]
+    assert rep["accuracy"]["before_recovery"] == pytest.approx(one_shot)  # same plan, same compensation
+    assert rep["accuracy"]["after"] > one_shot + 0.1
+
+
+def test_recovered_weights_are_written_back_and_verify_accepts_the_report(pruned_pair, tmp_path):
+    path, rep = pruned_pair["recovered"]
+    oneshot_path, oneshot = pruned_pair["oneshot"]
+    assert rep["totals"] == oneshot["totals"]  # the structure is the one-shot plan's
+    a, b = onnx.load(path), onnx.load(oneshot_path)
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    changed = [i.name for i, j in zip(a.graph.initializer, b.graph.initializer)
+               if not np.array_equal(numpy_helper.to_array(i), numpy_helper.to_array(j))]
+    assert set(changed) == set(rep["recovery"]["rounds"][0]["tensors"]) and changed
+    assert set(changed) <= set(rep["compensated_tensors"])
+    assert rep["verification"]["structure"]["ok"]
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps(rep, default=str))
+    assert verify(SAMPLE, path, json.loads(report.read_text()))["ok"]
+    # a report that hides the recovered tensors is refused: they are not the original's slices
+    tampered = json.loads(report.read_text())
+    tampered["compensated_tensors"] = []
+    tampered["compensation"] = None
+    bad = verify(SAMPLE, path, tampered)
+    assert not bad["ok"] and "not the original's slice" in bad["reason"]
+
+
+def test_recovery_is_deterministic_with_a_seed(tmp_path, unlabelled):
+    paths = []
+    for k in range(2):
+        cfg = PruneConfig(criterion="magnitude", budget=Budget("flops", 0.5), calib=unlabelled, recover=8, seed=3)
+        prune(SAMPLE, tmp_path / f"{k}.onnx", cfg)
+        paths.append((tmp_path / f"{k}.onnx").read_bytes())
+    assert paths[0] == paths[1]
+
+
+def test_gradual_pruning_recovers_between_rounds(tmp_path, unlabelled):
+    cfg = PruneConfig(criterion="fisher", budget=Budget("flops", 0.4), calib=unlabelled, recover=6, steps=2,
+                      eval_data=TEST)
+    rep = prune(SAMPLE, tmp_path / "g.onnx", cfg)
+    assert len(rep["recovery"]["rounds"]) == 2 and len(rep["rounds"]) == 2
+    assert rep["budget_met"] and rep["totals"]["macs_ratio"] <= 0.4 + 1e-9
+    assert rep["verification"]["structure"]["ok"]
+    assert verify(SAMPLE, tmp_path / "g.onnx", json.loads(json.dumps(rep, default=str)))["ok"]
+
+
+def test_recovery_never_returns_weights_worse_on_the_held_out_slice(tmp_path, unlabelled):
+    """A learning rate that wrecks the weights: the start (step 0) stays the best, nothing is written."""
+    base = PruneConfig(criterion="magnitude", budget=Budget("flops", 0.5), calib=unlabelled, recover=0)
+    prune(SAMPLE, tmp_path / "a.onnx", base)
+    wild = PruneConfig(criterion="magnitude", budget=Budget("flops", 0.5), calib=unlabelled, recover=5,
+                       recover_lr=50.0)
+    rep = prune(SAMPLE, tmp_path / "b.onnx", wild)
+    assert rep["recovery"]["rounds"][0]["best_step"] == 0
+    assert rep["recovery"]["rounds"][0]["tensors"] == []
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_recovery_is_on_by_default_with_calibration_data_only(tmp_path, unlabelled):
+    rep = prune(SAMPLE, tmp_path / "a.onnx", PruneConfig(budget=Budget("flops", 0.5)))
+    assert "recovery" not in rep  # no --calib: nothing to distil on
+    rep = prune(SAMPLE, tmp_path / "b.onnx", PruneConfig(budget=Budget("flops", 0.5), calib=unlabelled))
+    assert rep["recovery"]["steps_per_round"] == 100
+    with pytest.raises(UserError, match="--calib"):
+        prune(SAMPLE, tmp_path / "c.onnx", PruneConfig(budget=Budget("flops", 0.5), recover=5))
+    with pytest.raises(UserError, match="eigendamage"):
+        prune(SAMPLE, tmp_path / "d.onnx", PruneConfig(criterion="eigendamage", budget=Budget("flops", 0.5),
+                                                       calib=unlabelled, recover=5))
+    assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "d.onnx").exists()
+
+
+def test_labels_add_cross_entropy(tmp_path):
+    """With labels in the calibration file the training loss is KL + CE: the held-out loss at step 0
+    is larger than the unlabelled one by the pruned model's cross-entropy."""
+    model = onnx.load(SAMPLE)
+    with np.load(CALIB) as d:
+        x, y = d["input"][:64], d["labels"][:64]
+    teacher = teacher_outputs(model, {"input": x})
+    cfg = RecoverConfig(steps=1, lr=1e-9)
+    plain = recover(model, {"input": x}, teacher, cfg)
+    labelled = recover(model, {"input": x}, teacher, cfg, labels=y.astype(np.int64))
+    assert plain.history[0]["holdout_loss"] == pytest.approx(0.0, abs=1e-6)  # the dense model matches itself
+    logits = teacher[0][plain_holdout_index(len(x), cfg)]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    ce = -np.log(p[np.arange(len(p)), y[plain_holdout_index(len(x), cfg)]]).mean()
+    assert labelled.history[0]["holdout_loss"] == pytest.approx(ce, rel=1e-4)
+
+
+def plain_holdout_index(n: int, cfg: RecoverConfig) -> np.ndarray:
+    import torch
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    return order[:int(round(n * cfg.holdout))].numpy()
+
+
+def _softmax_model(axis_op: str, opset: int = 17) -> onnx.ModelProto:
+    """x (N, T, 4) -> MatMul W (4, 5) -> Softmax/LogSoftmax over the 5 classes: a per-position head."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"]), helper.make_node(axis_op, ["z"], ["y"], axis=-1 if opset >= 13 else 2)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 5])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("op,kind", [("Softmax", "kl-probs"), ("LogSoftmax", "kl-logprobs")])
+def test_per_position_outputs_are_distilled_with_kl_along_the_softmax_axis(op, kind):
+    model = _softmax_model(op)
+    assert output_kinds(model) == [(kind, -1)]
+    assert trainable_names(model) == ["W"]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 3, 4)).astype(np.float32)
+    teacher = teacher_outputs(model, {"x": x})
+    student = onnx.ModelProto()
+    student.CopyFrom(model)
+    student.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((4, 5), np.float32), "W"))
+    res = recover(student, {"x": x}, teacher, RecoverConfig(steps=150, lr=0.05))
+    assert res.losses == [kind]
+    assert res.history[-1]["holdout_loss"] < 0.05 * res.history[0]["holdout_loss"]
+
+
+def test_regression_outputs_use_scale_free_mse():
+    model = _softmax_model("Softmax")
+    model.graph.node.pop()  # y is now the raw MatMul output
+    model.graph.node[0].output[0] = "y"
+    assert output_kinds(model) == [("mse", None)]
+    classifier = onnx.load(SAMPLE)
+    assert output_kinds(classifier) == [("kl", 1)]
+
+
+def test_recover_command_trains_a_model_pruned_elsewhere(tmp_path, unlabelled):
+    pruned = tmp_path / "p.onnx"
+    r = _cli("prune", SAMPLE, "-o", pruned, "--keep-flops", "0.4", "--criterion", "magnitude")
+    assert r.returncode == 0, r.stderr
+    r = _cli("recover", SAMPLE, pruned, "-o", tmp_path / "r.onnx", "--calib", unlabelled, "--steps", "30",
+             "--eval", TEST, "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    acc = rep["accuracy"]
+    assert acc["after"] > acc["before"]
+    assert evaluate(onnx.load(tmp_path / "r.onnx"), TEST) == pytest.approx(acc["after"])
+    a, b = onnx.load(pruned), onnx.load(tmp_path / "r.onnx")
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    assert [(i.name, list(i.dims)) for i in a.graph.initializer] == [(i.name, list(i.dims)) for i in b.graph.initializer]
+
+
+def test_recover_command_errors_are_one_line(tmp_path, unlabelled):
+    other = ROOT / "samples" / "heldout_regnet_se.onnx"  # (N,3,32,32) input: another signature
+    for args, needle in (
+        ((SAMPLE, other, "-o", tmp_path / "x.onnx", "--calib", unlabelled), "signature"),
+        ((SAMPLE, SAMPLE, "-o", tmp_path / "x.onnx", "--calib", tmp_path / "none.npz"), "no such data file"),
+        ((SAMPLE, SAMPLE, "-o", SAMPLE, "--calib", unlabelled), "refusing to overwrite"),
+        ((SAMPLE, SAMPLE, "-o", tmp_path / "x.onnx", "--calib", unlabelled, "--steps", "-3"), "must be >= 0"),
+    ):
+        r = _cli("recover", *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "x.onnx").exists()
