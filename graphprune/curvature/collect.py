@@ -4,6 +4,8 @@ needs (declared by the criteria):
   "grads"        per-mini-batch weight gradients, handed to an on_batch callback (Taylor)
   "fisher_diag"  Σ_n g_n² of per-sample weight gradients g_n = Σ_t ds_t a_tᵀ (OBD)
   "kfac"         A = E[a aᵀ] (bias column included), S = E_n[Σ_t ds dsᵀ] (K-FAC, OBS compensation)
+  "kfac_a"       A (and the grouped convs' Ag) only: layer-wise OBS compensation reads nothing else, and S
+                 of a wide layer (a 6,625-class head: N·T·C² multiply-adds) can cost more than the network
   "woodfisher"   per output row, the inverse of λI + (1/m) Σ_n g g ᵀ by Woodbury rank-1 updates
 """
 from __future__ import annotations
@@ -74,7 +76,7 @@ class _Accumulator:
         for s in range(0, n, self.chunk):  # bounded memory: im2col of a few samples at a time
             a = _augment(view.patches(x[s:s + self.chunk]).to(torch.float32))
             ds = view.out_grads(g[s:s + self.chunk].to(torch.float32)) * self.batch_size  # per-sample loss
-            if "kfac" in self.needs:
+            if self.needs & {"kfac", "kfac_a"}:  # kfac_a: the input factor only (layer-wise OBS needs no S)
                 if a.shape[1] > 1 and view.cols > view.taps:  # grouped, not depthwise (nothing to compensate)
                     aag = torch.einsum("ngit,ngjt->gij", a, a)
                     st.Ag = aag if st.Ag is None else st.Ag + aag
@@ -83,6 +85,7 @@ class _Accumulator:
                     aa = torch.einsum("ngit,ngjt->ij", a, a)
                 st.A = aa if st.A is None else st.A + aa
                 st.a_count += a.shape[0] * a.shape[1] * a.shape[3]
+            if "kfac" in self.needs:
                 d = ds.reshape(ds.shape[0], -1, ds.shape[3])  # (N, out, T)
                 ss = torch.einsum("not,npt->op", d, d)
                 st.S = ss if st.S is None else st.S + ss
@@ -151,7 +154,7 @@ def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, ne
     """Run forward/backward over the calibration set, accumulating what ``needs`` asks for."""
     t0 = time.perf_counter()
     acc = _Accumulator(views, needs, len(data), damping)
-    layer_needs = needs & {"kfac", "fisher_diag", "woodfisher"}
+    layer_needs = needs & {"kfac", "kfac_a", "fisher_diag", "woodfisher"}
     tg.recorder = acc.record if layer_needs else None
     gen = torch.Generator().manual_seed(seed)
     spec = as_spec(loss_kind)

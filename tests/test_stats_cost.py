@@ -1,0 +1,46 @@
+"""Statistics the chosen method does not read are not computed (issue #11 point 2), and what is
+computed stays what it was."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import helper
+
+from converters.onnx_to_torch import TorchGraph
+from graphprune.criteria import ScoringContext
+from graphprune.curvature.collect import collect
+from graphprune.curvature.data import CalibData
+from graphprune.curvature.layers import layer_views
+from tests.helpers import const, make_model, trace_of
+
+
+def _model():
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["g"], pads=[1, 1, 1, 1], group=2),
+             helper.make_node("GlobalAveragePool", ["g"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1)]
+    m = make_model(nodes, [("x", ["N", 3, 6, 6])], [("y", ["N", 5])],
+                   [const("w1", (8, 3, 3, 3)), const("b1", (8,)), const("w2", (8, 4, 3, 3)), const("w3", (5, 8)),
+                    const("b3", (5,))])
+    return m
+
+
+def _stats(m, needs, x):
+    tr = trace_of(m)
+    ctx = ScoringContext(tr)
+    ctx.views = layer_views(tr.graph, tr.state)
+    tg = TorchGraph(tr.graph, trainable=[n for v in ctx.views.values() for n in (v.weight, v.bias) if n])
+    return collect(tg, ctx.views, CalibData({"x": x}, None, "t"), "true-fisher", needs, batch_size=7).layers
+
+
+def test_input_factor_only():
+    x = np.random.default_rng(0).standard_normal((20, 3, 6, 6)).astype(np.float32)
+    m = _model()
+    full, a_only = _stats(m, {"kfac"}, x), _stats(m, {"kfac_a"}, x)
+    for name, st in full.items():
+        assert a_only[name].S is None and st.S is not None
+        torch.testing.assert_close(a_only[name].A, st.A)
+        assert a_only[name].a_count == st.a_count and a_only[name].n == st.n
+        if st.Ag is not None:
+            torch.testing.assert_close(a_only[name].Ag, st.Ag)
+    assert any(st.Ag is not None for st in full.values())
