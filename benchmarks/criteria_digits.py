@@ -74,7 +74,7 @@ def run_cell(model: str, path: str, criterion: str, comp: str, ratio: float, sam
             "compensate_arg": compensate_arg(criterion, comp)}
     out = os.path.join(tmp, f"{model}_{criterion}_{comp}_{ratio}.onnx")
     config = PruneConfig(criterion=criterion, budget=Budget("flops", ratio), calib=os.path.join(ROOT, CALIB),
-                         samples=samples, eval_data=os.path.join(ROOT, TEST), force=True,
+                         samples=samples, eval_data=os.path.join(ROOT, TEST), force=True, recover=0,
                          compensate=cell["compensate_arg"],
                          damping=float(comp.removeprefix("default-damping")) if comp.startswith("default-damping") else 1e-3)
     t0 = time.perf_counter()

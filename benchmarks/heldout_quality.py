@@ -85,8 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="results stem (default benchmarks/results/heldout_quality[_tuned])")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores; 1 on a busy machine)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     which = "tuned" if args.tuned else "heldout"
     models = TUNED if args.tuned else HELDOUT
     names = args.models or list(models)
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
                         print(f"{name:13s} {crit:12s} {budget:.1f} {mode:8s} {acc}", flush=True)
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
             "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "auto_recover_steps": AUTO_RECOVER_STEPS, "calibration": calib_path + " (labels stripped)",
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "auto_recover_steps": AUTO_RECOVER_STEPS, "calibration": calib_path + " (labels stripped)",
             "test": test, "seconds": round(time.perf_counter() - t0, 1),
             "load_average": os.getloadavg()}
     with open(stem + ".json", "w") as f:

@@ -93,7 +93,8 @@ def main() -> int:
                     [int(n) for n in args.samples.split(",")]):
                 for comp in ([None] if criterion == "magnitude" else [True, False]):
                     cfg = PruneConfig(criterion=criterion, budget=Budget("flops", ratio, best_effort=True),
-                                      calib=calib, eval_data=test, compensate=comp, force=True, samples=samples)
+                                      calib=calib, eval_data=test, compensate=comp, force=True, samples=samples,
+                                      recover=0)
                     t = time.perf_counter()
                     rep = prune(path, Path(work) / "out.onnx", cfg)
                     row = {"model": model, "keep_flops": ratio, "criterion": criterion, "samples": samples,

@@ -82,11 +82,42 @@ def add_input_shape(p: argparse.ArgumentParser, help_text: str = INPUT_SHAPE_HEL
                    help=help_text)
 
 
+def _recover_steps(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps (0 = off), got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _positive(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (x > 0 and x < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return x
+
+
+def add_recover_options(p: argparse.ArgumentParser, steps_flag: str = "--recover") -> None:
+    rc = p.add_argument_group("recovery: distillation from the dense model on the --calib inputs")
+    rc.add_argument(steps_flag, dest="recover", type=_recover_steps, default=None, metavar="STEPS",
+                    help="training steps per pruning round (0 = off; default: 100 when --calib is given, "
+                         "except for eigendamage)")
+    rc.add_argument("--recover-lr", type=_positive, default=1e-3, metavar="LR",
+                    help="AdamW learning rate, cosine schedule (default 1e-3)")
+    rc.add_argument("--recover-batch", type=int, default=32, metavar="B", help="mini-batch size (default 32)")
+
+
 def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True) -> None:
     """Options shared by `prune` and `compress`."""
     add_input_shape(pr)
-    pr.add_argument("--criterion", default="magnitude",
-                    help="magnitude (default), magnitude-l1, taylor, fisher, kron-obd, kron-obs, woodfisher")
+    pr.add_argument("--criterion", default="auto",
+                    help="auto (default: taylor with --calib, magnitude without), magnitude, magnitude-l1, taylor, "
+                         "fisher, kron-obd, kron-obs, woodfisher, woodtaylor, eigendamage, eigendamage-channel")
     b = pr.add_mutually_exclusive_group(required=budget_required)
     b.add_argument("--keep-flops", type=_ratio, metavar="F", help="keep at most F x the MACs (batch 1)")
     b.add_argument("--keep-params", type=_ratio, metavar="F", help="keep at most F x the parameters")
@@ -121,13 +152,17 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
                          "last axis of N x T x C, else axis 1), bernoulli; an explicit kind applies to output 0")
     comp = cv.add_mutually_exclusive_group()
     comp.add_argument("--compensate", nargs="?", const=True, default=None, metavar="METHOD",
-                      help="update kept weights (OBS); default on for curvature criteria; METHOD obs|kron-obs|woodfisher")
+                      help="update kept weights (OBS); default on for curvature criteria; METHOD obs|kron-obs|woodfisher|woodtaylor")
     comp.add_argument("--no-compensate", dest="compensate", action="store_false")
     cv.add_argument("--damping", type=float, default=1e-3, help="relative damping of curvature factors (default 1e-3)")
     cv.add_argument("--steps", type=int, default=1, metavar="K", help="reach the budget in K rounds, re-scoring between")
     cv.add_argument("--device", default="cpu", help="torch device for statistics (cpu, cuda)")
+    cv.add_argument("--block-size", type=int, default=None, metavar="C",
+                    help="woodfisher/woodtaylor: diagonal Fisher blocks of at most C weights, aligned on input "
+                         "channels (default: the largest up to 1024 that fits --max-memory)")
     cv.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
                     help="memory allowed for curvature statistics, e.g. 4G (default: 80%% of available RAM)")
+    add_recover_options(pr)
     lt = pr.add_argument_group("hardware-aware planning (--keep-latency)")
     lt.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"),
                     help="onnxruntime provider to measure on (default cpu)")
@@ -209,6 +244,10 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
     budget = Budget(kind, ratio, cap=args.max_group_removal, round_to=args.round_to, best_effort=args.best_effort)
     if args.samples < 1 or args.batch_size < 1 or args.steps < 1 or args.latency_batch < 1:
         raise UserError("--samples, --batch-size, --steps and --latency-batch must be >= 1")
+    if args.recover_batch < 1:
+        raise UserError(f"--recover-batch must be >= 1, got {args.recover_batch}")
+    if args.block_size is not None and args.block_size < 1:
+        raise UserError(f"--block-size must be >= 1, got {args.block_size}")
     if not args.damping > 0:
         raise UserError(f"--damping must be > 0, got {args.damping}")
     if args.device.startswith("cuda"):
@@ -222,7 +261,9 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
                        samples=args.samples, batch_size=args.batch_size, loss=args.loss,
                        compensate=args.compensate, damping=args.damping, device=args.device, steps=args.steps,
                        provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache,
-                       max_memory=args.max_memory, input_shapes=args.input_shape or None)
+                       max_memory=args.max_memory, input_shapes=args.input_shape or None,
+                       block_size=args.block_size, recover=args.recover, recover_lr=args.recover_lr,
+                       recover_batch=args.recover_batch)
 
 
 def print_summary(rep: dict, output: str) -> None:
@@ -244,9 +285,18 @@ def print_summary(rep: dict, output: str) -> None:
         lat = rep["latency"]
         print(f"latency ({lat['provider']}, batch {lat['batch']}): {lat['dense_ms']:.3f} ms -> measured "
               f"{lat['measured_ms']:.3f} ms (target {lat['target_ms']:.3f}, predicted {lat['predicted_ms']:.3f})")
+    if "recovery" in rep:
+        rec = rep["recovery"]
+        last = rec["rounds"][-1] if rec["rounds"] else None
+        if last is not None:
+            held = (f"; held-out distillation loss {last['holdout_loss_before']:.4g} -> {last['holdout_loss_after']:.4g}"
+                    if last.get("holdout_loss_before") is not None and last["samples"].get("holdout") else "")
+            print(f"recovered: {rec['steps_per_round']} steps per round (kept step {last['best_step']}), "
+                  f"{len(last['tensors'])} tensors trained{held}")
     if "accuracy" in rep:
         a = rep["accuracy"]
-        print(f"accuracy: {a['before']:.2%} -> {a['after']:.2%}")
+        one_shot = f" (before recovery {a['before_recovery']:.2%})" if "before_recovery" in a else ""
+        print(f"accuracy: {a['before']:.2%} -> {a['after']:.2%}{one_shot}")
 
 
 def _cmd_prune(args) -> int:
@@ -255,6 +305,10 @@ def _cmd_prune(args) -> int:
     _check_report_path(args)
     cfg = config_from_args(args)
     rep = prune(args.model, args.output, cfg, report_path=args.report)
+    from .distributed import is_main
+
+    if not is_main():
+        return 0
     print_summary(rep, args.output)
     if args.report:
         print(f"report: {args.report}")
@@ -287,16 +341,19 @@ def _cmd_verify(args) -> int:
 
 COMMANDS = {"inspect": _cmd_inspect, "prune": _cmd_prune, "verify": _cmd_verify}
 #: subcommands defined in graphprune/commands/<name>.py
-COMMAND_MODULES: tuple[str, ...] = ("bench", "convert", "compress")
+COMMAND_MODULES: tuple[str, ...] = ("bench", "convert", "compress", "recover")
 #: argument helpers shared with command modules
 COMMON = {"ratio": _ratio, "tolerance": _tolerance, "human": _human, "same_file": _same_file,
           "add_prune_options": add_prune_options, "config_from_args": config_from_args,
-          "print_summary": print_summary, "add_input_shape": add_input_shape}
+          "print_summary": print_summary, "add_input_shape": add_input_shape,
+          "add_recover_options": add_recover_options}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quiet:
+    from .distributed import is_main
+
+    if args.quiet or not is_main():  # under torchrun only rank 0 reports
         log.set_quiet(True)
     try:
         run = getattr(args, "run", None) or COMMANDS[args.command]

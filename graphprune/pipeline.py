@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,14 @@ def _upgrade_info(model: onnx.ModelProto) -> dict:
     return {"opset_upgraded": {"from": old, "to": opset_of(model)}} if old is not None else {}
 
 
+#: what ``--criterion auto`` (the default) means with calibration data (without it: magnitude, since
+#: curvature from noise inputs means nothing); chosen from the held-out table in the README
+AUTO_CRITERION = "taylor"
+
+
 @dataclass
 class PruneConfig:
-    criterion: str = "magnitude"
+    criterion: str = "auto"  # AUTO_CRITERION with --calib, else magnitude
     budget: Budget = field(default_factory=lambda: Budget("flops", 0.5))
     verify: bool = True
     rtol: float = 1e-4
@@ -52,7 +57,13 @@ class PruneConfig:
     damping: float = 1e-3
     device: str = "cpu"
     steps: int = 1
+    # recovery by distillation from the dense model (graphprune/recover.py): steps per round; None:
+    # AUTO_RECOVER_STEPS when --calib is given (and the criterion is not eigendamage), else off
+    recover: int | None = None
+    recover_lr: float = 1e-3
+    recover_batch: int = 32
     max_memory: int | None = None  # bytes for curvature statistics (default: 80% of available RAM)
+    block_size: int | None = None  # WoodFisher diagonal blocks (weights); None: the largest that fits max_memory
     # hardware-aware planning (--keep-latency)
     provider: str = "cpu"
     latency_batch: int = 8
@@ -207,14 +218,18 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
     from .curvature.data import load_calib, resolve_loss
     from .curvature.layers import layer_views
 
-    from .curvature.collect import available_bytes, estimate_bytes
+    from .curvature.collect import available_bytes, default_block_size, estimate_bytes
 
     t = time.perf_counter()
     data = load_calib(model, config.calib, config.samples, config.seed, shapes=tr.input_shapes)
     loss_kind = resolve_loss(config.loss, data, tr.graph, tr.state)  # a LossSpec: str, per-output parts
     ctx.views = layer_views(tr.graph, tr.state)
-    need = estimate_bytes(ctx.views, needs, weights_shared=str(config.device).split(":")[0] == "cpu")
+    shared = str(config.device).split(":")[0] == "cpu"
     limit = config.max_memory or int(0.8 * (available_bytes() or 1 << 60))
+    block = None
+    if needs & {"woodfisher", "woodtaylor"}:
+        block = config.block_size or default_block_size(ctx.views, needs, limit, weights_shared=shared)
+    need = estimate_bytes(ctx.views, needs, weights_shared=shared, block_size=block)
     if sum(need.values()) > limit:
         worst = max((k for k in need if k != "transient"), key=need.get)
         def gib(n: float) -> str:
@@ -224,16 +239,21 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
         raise UserError(f"curvature statistics need about {gib(sum(need.values()))} ({label}: "
                         f"{gib(need[worst])}) but the limit is {gib(limit)}; use a "
                         "lighter criterion (taylor, fisher, kron-obd/kron-obs instead of woodfisher), "
-                        "--no-compensate, or raise --max-memory")
+                        "--no-compensate, " + ("a smaller --block-size, " if config.block_size else "")
+                        + "or raise --max-memory")
     try:
         tg = TorchGraph(tr.graph, trainable=[n for v in ctx.views.values() for n in (v.weight, v.bias) if n],
                         device=config.device, share_weights=True)  # on CPU: no second copy of the weights
     except UnsupportedOpError as exc:
         raise UserError(f"{exc}; use a weights-only criterion (magnitude) for this model") from None
     ctx.stats = collect(tg, ctx.views, data, loss_kind, needs, batch_size=config.batch_size,
-                        damping=config.damping, seed=config.seed, device=config.device, on_batch=on_batch)
+                        damping=config.damping, seed=config.seed, device=config.device, on_batch=on_batch,
+                        block_size=block)
     timings[tag + "statistics"] = time.perf_counter() - t
-    return {"loss": loss_kind, "calibration": data.source, "samples": len(data)}
+    meta = {"loss": loss_kind, "calibration": data.source, "samples": len(data)}
+    if block is not None:
+        meta["block_size"] = block
+    return meta
 
 
 def _score(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget: Budget, timings: dict, tag: str):
@@ -374,6 +394,62 @@ def _round_budgets(budget: Budget, steps: int, before: dict, current: dict, k: i
     return Budget(budget.kind, ratio, cap, budget.round_to, budget.best_effort)
 
 
+#: recovery steps per round when --recover is not given and calibration data is
+AUTO_RECOVER_STEPS = 100
+
+
+def recovery_steps(config: "PruneConfig") -> int:
+    """Recovery steps per round that ``config`` asks for (``recover=None``: automatic)."""
+    if config.recover is None:
+        auto = (config.calib is not None and config.budget.kind != "lossless"
+                and config.criterion != "eigendamage")
+        return AUTO_RECOVER_STEPS if auto else 0
+    if config.recover < 0:
+        raise UserError(f"--recover must be >= 0 steps, got {config.recover}")
+    if config.recover and config.calib is None:
+        raise UserError("--recover distils from the dense model on the calibration inputs: give --calib FILE.npz")
+    if config.recover and config.criterion == "eigendamage":
+        raise UserError("--recover does not apply to --criterion eigendamage (its bottlenecks are verified as "
+                        "products of the original's weights); use --recover 0")
+    return config.recover
+
+
+class _Recovery:
+    """What recovery needs across rounds: the calibration inputs (every row of the file), the dense
+    model's outputs on them (computed once, before scoring or compensation touch the weights), and the
+    names of the original's initializers (only those may be trained: verification scatters them back)."""
+
+    def __init__(self, model, tr: Trace, config: "PruneConfig", steps: int, timings: dict):
+        from .curvature.data import load_calib
+        from .recover import RecoverConfig, teacher_outputs
+
+        t = time.perf_counter()
+        data = load_calib(model, config.calib, 1 << 62, config.seed, shapes=tr.input_shapes)
+        self.inputs, self.labels = data.inputs, data.labels
+        self.teacher = teacher_outputs(GraphModel(tr.graph, model), self.inputs)
+        self.allowed = {name for name, t in tr.graph.tensors().items() if hasattr(t, "values")}
+        self.cfg = RecoverConfig(steps=steps, lr=config.recover_lr, batch_size=config.recover_batch,
+                                 seed=config.seed, device=config.device)
+        self.rounds: list[dict] = []
+        timings["recovery_teacher"] = time.perf_counter() - t
+
+    def run(self, pruned: onnx.ModelProto, timings: dict, tag: str, eval_data: str | None) -> list[str]:
+        """Train ``pruned``'s weights in place; returns the names of the tensors written."""
+        from .recover import recover, write_values
+
+        t = time.perf_counter()
+        before = evaluate(pruned, eval_data) if eval_data else None
+        res = recover(pruned, self.inputs, self.teacher, self.cfg, self.labels, self.allowed,
+                      tag=tag.replace("_", " "))
+        write_values(pruned, res.values)
+        entry = res.summary()
+        if before is not None:
+            entry["accuracy_before_recovery"] = before
+        self.rounds.append(entry)
+        timings[tag + "recovery"] = time.perf_counter() - t
+        return sorted(res.values)
+
+
 def _key(group) -> str:
     return group.sources[0].node
 
@@ -394,8 +470,15 @@ def _finish(report: dict, before: float | None, pruned, path, out, config: "Prun
     if config.eval_data:
         t = time.perf_counter()
         report["accuracy"] = {"before": before, "after": evaluate(pruned, config.eval_data)}
+        rounds = (report.get("recovery") or {}).get("rounds") or []
+        if rounds and "accuracy_before_recovery" in rounds[-1]:
+            report["accuracy"]["before_recovery"] = rounds[-1]["accuracy_before_recovery"]
         timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t
     report["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun every rank computes the same model; rank 0 writes it
+        return report
     save_model(pruned, out, src=path, force=config.force, external_data=config.external_data or None)
     if report_path is not None:
         try:
@@ -473,6 +556,8 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     """Trace, score, plan, compensate, rewrite, check, verify; then write OUT (and the report) atomically.
     With ``config.steps`` > 1 the budget is reached in rounds, re-collecting statistics in between."""
     timings: dict[str, float] = {}
+    if config.criterion == "auto":
+        config = replace(config, criterion=AUTO_CRITERION if config.calib is not None else "magnitude")
     out = Path(out)
     if out.exists() and not config.force:
         raise UserError(f"{out}: exists (use --force to overwrite)")
@@ -498,6 +583,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         raise UserError(f"onnxruntime cannot run ops of the custom domain {custom_domains(model)[0]!r}, which "
                         "verification, accuracy and latency need; use --no-verify (without --eval/--keep-latency)")
     before_accuracy = _accuracy_before(model, tr, config, timings)
+    n_recover = recovery_steps(config)
     if config.criterion == "eigendamage" and config.budget.kind != "lossless":
         return _eigendamage(path, out, config, report_path, model, tr, timings, before_accuracy)
     prunable = [g for g in tr.groups if g.prunable]
@@ -506,6 +592,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     tr0, before = tr, model_costs(tr)
     alive = {_key(g): np.arange(g.size) for g in tr0.groups}
     current_model, current, rounds, compensated, latency_info = model, dict(before), [], set(), None
+    recovery = _Recovery(model, tr, config, n_recover, timings) if n_recover else None
     for k in range(1, config.steps + 1):
         budget = _round_budgets(config.budget, config.steps, before, current, k)
         tag = f"round{k}_" if config.steps > 1 else ""
@@ -518,6 +605,8 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
                 alive[_key(g)] = np.delete(alive[_key(g)], rem)
         current_model = res["pruned"]
         compensated.update(res.get("compensated_tensors", []))
+        if recovery is not None and res["removed_roots"]:
+            compensated.update(recovery.run(current_model, timings, tag, config.eval_data))
         if "latency" in res:
             latency_info = res["latency"]
         tr = trace(to_graph(current_model), opset_of(current_model), tr0.input_shapes)  # costs now, next round's trace
@@ -551,7 +640,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         },
         "groups": describe_groups(tr0, removed),
     }
-    for key in ("loss", "calibration", "samples"):
+    for key in ("loss", "calibration", "samples", "block_size"):
         if key in final:
             report[key] = final[key]
     if compensated:
@@ -560,8 +649,11 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
         report["latency"] = latency_info
     if config.steps > 1:
         report["rounds"] = rounds
+    if recovery is not None:
+        report["recovery"] = {"steps_per_round": n_recover, "lr": config.recover_lr, "batch": config.recover_batch,
+                              "rounds": recovery.rounds}
     if config.verify:
-        if config.steps > 1 or final["compensation"]:
+        if config.steps > 1 or final["compensation"] or compensated:
             # the report must let `graphprune verify` check ORIGINAL vs OUT on its own
             t = time.perf_counter()
             check = compare(expanded_pruned(tr0, tr0.removed_roots(removed), pruned, model), pruned,
@@ -602,7 +694,8 @@ def verify(original: str | os.PathLike, pruned_path: str | os.PathLike, report: 
     if signature(pruned) != signature(model):
         return {"ok": False, "reason": "input/output signature differs from the original"}
     roots = tr.removed_roots(removed)
-    if report.get("compensation") or (report.get("budget") or {}).get("steps", 1) > 1:
+    if (report.get("compensation") or report.get("recovery") or report.get("compensated_tensors")
+            or (report.get("budget") or {}).get("steps", 1) > 1):
         # kept weights were updated: tensors compensation did not touch must be exact slices of the
         # original, and the original graph carrying the pruned weights must compute the same function
         skip = report.get("compensated_tensors", [])

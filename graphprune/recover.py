@@ -63,13 +63,15 @@ class RecoverResult:
     seconds: float = 0.0
     losses: list[str] = field(default_factory=list)
     samples: dict = field(default_factory=dict)
+    processes: int = 1  # data-parallel ranks (torchrun)
 
     def summary(self) -> dict:
         start = self.history[0]["holdout_loss"] if self.history else None
         best = next((h["holdout_loss"] for h in self.history if h["step"] == self.best_step), None)
         return {"steps": self.history[-1]["step"] if self.history else 0, "best_step": self.best_step,
                 "holdout_loss_before": start, "holdout_loss_after": best, "losses": self.losses,
-                "samples": self.samples, "seconds": round(self.seconds, 3), "curve": self.history,
+                "samples": self.samples, "processes": self.processes, "seconds": round(self.seconds, 3),
+                "curve": self.history,
                 "tensors": sorted(self.values)}
 
 
@@ -119,9 +121,11 @@ def trainable_names(model: onnx.ModelProto, allowed: set[str] | None = None) -> 
     return list(dict.fromkeys(names))
 
 
-def _distill_loss(kinds, outs, teach, labels, T: float, ce_on: bool) -> torch.Tensor:
+def _distill_loss(kinds, outs, teach, labels, T: float, ce_on: bool, scales) -> torch.Tensor:
+    """Mean over the batch of the per-sample distillation loss (``scales``: each output's variance
+    over the whole calibration set, for the MSE terms)."""
     total = outs[0].new_zeros(())
-    for (kind, axis), o, t in zip(kinds, outs, teach):
+    for (kind, axis), o, t, scale in zip(kinds, outs, teach, scales):
         if kind == "kl":
             lp, lq = F.log_softmax(o / T, dim=1), F.log_softmax(t / T, dim=1)
             total = total + (lq.exp() * (lq - lp)).sum(1).mean() * T * T
@@ -133,7 +137,6 @@ def _distill_loss(kinds, outs, teach, labels, T: float, ce_on: bool) -> torch.Te
             kl = (lq.exp() * (lq - lp)).sum(axis)
             total = total + kl.mean()
         else:
-            scale = t.float().var().clamp_min(1e-12)
             total = total + (o - t).pow(2).mean() / scale
     if ce_on and labels is not None:
         kind, axis = kinds[0]
@@ -141,6 +144,10 @@ def _distill_loss(kinds, outs, teach, labels, T: float, ce_on: bool) -> torch.Te
         total = total + (F.nll_loss(o.clamp_min(1e-12).log(), labels) if kind == "kl-probs"
                          else F.nll_loss(o, labels) if kind == "kl-logprobs" else F.cross_entropy(o, labels))
     return total
+
+
+def _silent(msg: str) -> None:
+    pass
 
 
 def teacher_outputs(dense, inputs: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:
@@ -163,6 +170,8 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     """Distil ``pruned`` toward ``teacher`` (the dense outputs on ``inputs``). Returns trained values."""
     from converters.onnx_to_torch import TorchGraph, UnsupportedOpError
 
+    from . import distributed as dp
+
     if cfg.steps < 0:
         raise UserError(f"--recover must be >= 0 steps, got {cfg.steps}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
@@ -179,7 +188,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         if kind == "kl" and t.ndim != 2:
             raise RuntimeError("internal error: classifier output is not 2-D")
     try:
-        tg = TorchGraph(pruned, trainable=names, device=cfg.device, share_weights=False)
+        tg = TorchGraph(pruned, trainable=names, device=dp.local_device(cfg.device), share_weights=False)
     except UnsupportedOpError as exc:
         raise UserError(f"{exc}; recovery needs the PyTorch executor (use --recover 0)") from None
     torch.manual_seed(cfg.seed)
@@ -187,7 +196,9 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     order = torch.randperm(n, generator=gen)
     n_hold = int(round(n * cfg.holdout)) if n >= 8 else 0
     hold, train = order[:n_hold], order[n_hold:]
-    dev = torch.device(cfg.device)
+    dev = torch.device(dp.local_device(cfg.device))
+    world, main = dp.world_size(), dp.is_main()
+    scales = [max(float(np.var(a, dtype=np.float64)), 1e-12) for a in teacher]
 
     def tensors(idx):
         x = {k: torch.from_numpy(np.ascontiguousarray(v[idx.numpy()])).to(dev) for k, v in inputs.items()}
@@ -203,14 +214,17 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     T = float(cfg.temperature)
 
     def holdout_loss() -> float:
+        """Mean held-out loss; under torchrun each rank takes a share and the sums are all-reduced."""
         if not n_hold:
             return float("nan")
+        mine = hold[dp.shard(n_hold)]
+        tot = torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
-            tot = 0.0
-            for s in range(0, n_hold, 64):
-                x, t, y = tensors(hold[s:s + 64])
-                tot += float(_distill_loss(kinds, tg(**x), t, y, T, ce_on)) * len(hold[s:s + 64])
-        return tot / n_hold
+            for s in range(0, len(mine), 64):
+                x, t, y = tensors(mine[s:s + 64])
+                tot += float(_distill_loss(kinds, tg(**x), t, y, T, ce_on, scales)) * len(mine[s:s + 64])
+        dp.all_reduce_sum([tot], "cpu")
+        return float(tot) / n_hold
 
     every = cfg.eval_every or max(1, cfg.steps // 20)
     history = [{"step": 0, "train_loss": None, "holdout_loss": holdout_loss()}]
@@ -222,15 +236,27 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
             perm, pos = torch.randperm(len(train), generator=gen), 0
         idx = train[perm[pos:pos + cfg.batch_size]]
         pos += cfg.batch_size
-        x, t, y = tensors(idx)
-        loss = _distill_loss(kinds, tg(**x), t, y, T, ce_on)
-        if cfg.anchor:
+        mine = idx[dp.shard(len(idx))]  # data parallel: this rank's share of the mini-batch
+        opt.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=dev)
+        if len(mine):
+            x, t, y = tensors(mine)
+            # the batch mean, split over the ranks: each share weighted by its size, gradients summed
+            loss = _distill_loss(kinds, tg(**x), t, y, T, ce_on, scales) * (len(mine) / len(idx))
+        if cfg.anchor and main:
             loss = loss + cfg.anchor * sum((p - s).pow(2).sum() for p, s in zip(params, start))
+        if loss.requires_grad:
+            loss.backward()
+        if world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            total = loss.detach().reshape(1).to(torch.float32)
+            dp.all_reduce_sum(grads + [total], cfg.device)
+            for p, g in zip(params, grads):
+                p.grad = g
+            loss = total[0]
         if not torch.isfinite(loss):
             log.warn(f"recovery stopped at step {step}: the loss is not finite (try a smaller --recover-lr)")
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         opt.step()
         sched.step()
         running += float(loss.detach())
@@ -243,7 +269,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
                 best_loss, best_step = h, step
                 best = [p.detach().clone() for p in params]
             spent = time.perf_counter() - t0
-            log.info(f"{tag}recovery step {step}/{cfg.steps}: train loss {history[-1]['train_loss']:.4g}, "
+            (log.info if main else _silent)(f"{tag}recovery step {step}/{cfg.steps}: train loss {history[-1]['train_loss']:.4g}, "
                      f"held-out {h:.4g} (best {best_loss:.4g} at step {best_step}); {spent:.0f} s, "
                      f"ETA {spent / step * (cfg.steps - step):.0f} s")
     values = {}
@@ -251,7 +277,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         for nm, p in zip(names, best):
             values[nm] = p.detach().cpu().numpy().astype(np.float32)
     return RecoverResult(values, history, best_step, time.perf_counter() - t0, [k for k, _ in kinds],
-                         {"train": len(train), "holdout": n_hold})
+                         {"train": len(train), "holdout": n_hold}, world)
 
 
 def write_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:

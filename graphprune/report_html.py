@@ -109,9 +109,28 @@ def _summary_rows(report: dict) -> list[tuple[str, str, str]]:
     if "accuracy" in report:
         a = report["accuracy"]
         rows.append(("accuracy", f"{a['before']:.2%}", f"{a['after']:.2%}"))
+        if "before_recovery" in a:
+            rows.append(("accuracy before recovery", f"{a['before']:.2%}", f"{a['before_recovery']:.2%}"))
     if "file_size" in report:
         rows.append(("file size", _human(report["file_size"]["before"]) + "B", _human(report["file_size"]["after"]) + "B"))
     return rows
+
+
+def _recovery_chart(report: dict) -> str:
+    """Distillation loss against the step (rounds laid end to end): held-out and training loss."""
+    rounds = (report.get("recovery") or {}).get("rounds") or []
+    series: dict[str, list] = {"held-out loss": [], "training loss": []}
+    offset = 0
+    for r in rounds:
+        for h in r.get("curve", []):
+            series["held-out loss"].append((offset + h["step"], h.get("holdout_loss")))
+            if h.get("train_loss") is not None:
+                series["training loss"].append((offset + h["step"], h["train_loss"]))
+        offset += r.get("steps", 0)
+    series["held-out loss"] = [p for p in series["held-out loss"] if p[1] is not None and p[1] == p[1]]
+    if not series["held-out loss"]:
+        series.pop("held-out loss")
+    return line_chart(series, "recovery: distillation loss", "step", "loss", "recovery-loss") if any(series.values()) else ""
 
 
 def render(reports: list[dict], title: str = "graphprune report") -> str:
@@ -131,6 +150,7 @@ def render(reports: list[dict], title: str = "graphprune report") -> str:
         out.append(f"<tr><td>{_esc(name)}</td><td>{_esc(a)}</td><td>{_esc(b)}</td></tr>")
     out.append("</table>")
     out.append(bar_chart(_widths(main), "kept width per group (channels)"))
+    out.append(_recovery_chart(main))
     if len(reports) > 1:
         acc = {"accuracy": [(r["totals"]["macs_ratio"], r.get("accuracy", {}).get("after")) for r in reports]}
         if any(p[1] is not None for p in acc["accuracy"]):

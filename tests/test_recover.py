@@ -214,3 +214,52 @@ def test_recover_command_errors_are_one_line(tmp_path, unlabelled):
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "x.onnx").exists()
+
+
+def test_html_report_shows_the_recovery_curve_and_accuracy_before_recovery(pruned_pair):
+    from graphprune.report_html import render
+
+    _, rep = pruned_pair["recovered"]
+    page = render([json.loads(json.dumps(rep, default=str))])
+    assert 'data-chart="recovery-loss"' in page and "held-out loss" in page
+    chart = page.split('data-chart="recovery-loss"')[1].split("</svg>")[0]
+    assert chart.count('class="point"') == 2 * len(rep["recovery"]["rounds"][0]["curve"]) - 1  # train loss from step 1
+    assert "accuracy before recovery" in page
+    assert 'data-chart="recovery-loss"' not in render([json.loads(json.dumps(pruned_pair["oneshot"][1], default=str))])
+
+
+def test_shards_cover_every_item_once(monkeypatch):
+    from graphprune import distributed as dp
+
+    for n in (0, 1, 5, 32, 33):
+        for world in (1, 2, 3):
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+            parts = []
+            for r in range(world):
+                monkeypatch.setenv("RANK", str(r))
+                parts += list(range(n))[dp.shard(n)]
+            assert parts == list(range(n))
+
+
+def test_two_process_recovery_under_torchrun_equals_one_process(tmp_path, unlabelled):
+    """torchrun with two CPU processes (gloo): each rank takes half of every mini-batch, gradients
+    and held-out sums are all-reduced, rank 0 writes. The model equals the single-process one."""
+    common = ["prune", SAMPLE, "--keep-flops", "0.5", "--criterion", "magnitude", "--calib", unlabelled,
+              "--recover", "12", "--recover-batch", "33", "--report"]  # 33: an uneven split (17 + 16)
+    r = _cli(*common, tmp_path / "one.json", "-o", tmp_path / "one.onnx")
+    assert r.returncode == 0, r.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "graphprune.cli", "-q", *common, str(tmp_path / "two.json"), "-o", str(tmp_path / "two.onnx")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
+    one, two = onnx.load(tmp_path / "one.onnx"), onnx.load(tmp_path / "two.onnx")
+    assert [n.SerializeToString() for n in one.graph.node] == [n.SerializeToString() for n in two.graph.node]
+    rep1, rep2 = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert (rep1["recovery"]["rounds"][0]["processes"], rep2["recovery"]["rounds"][0]["processes"]) == (1, 2)
+    assert rep1["recovery"]["rounds"][0]["best_step"] == rep2["recovery"]["rounds"][0]["best_step"] > 0
+    for h1, h2 in zip(rep1["recovery"]["rounds"][0]["curve"], rep2["recovery"]["rounds"][0]["curve"]):
+        assert h2["holdout_loss"] == pytest.approx(h1["holdout_loss"], rel=1e-4, abs=1e-7)
+    for a, b in zip(one.graph.initializer, two.graph.initializer):
+        x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(x).max())), err_msg=a.name)

@@ -91,6 +91,10 @@ def run(args, common) -> int:
                            "rounds": [res.summary()]}}
     if args.eval:
         report["accuracy"] = {"dense": evaluate(dense, args.eval), "before": before, "after": evaluate(pruned, args.eval)}
+    from ..distributed import is_main
+
+    if not is_main():  # under torchrun: rank 0 writes
+        return 0
     save_model(pruned, out, src=args.pruned, force=args.force)
     if args.report:
         try:
