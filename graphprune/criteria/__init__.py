@@ -1,4 +1,4 @@
-"""Criteria registry. Curvature criteria (taylor, fisher, kron-obd/obs, woodfisher, eigendamage)
+"""Criteria registry. Curvature criteria (taylor, fisher, kron-obd/obs, woodfisher, woodtaylor, eigendamage)
 plug in here with the same interface."""
 from __future__ import annotations
 

@@ -217,30 +217,97 @@ class KronOBS(_LayerwiseCriterion):
         return 0.5 * block_trace_solve(N, Ainv, unit, n)
 
 
+def _slabs(n: int, per_item: int, budget: int = 1 << 21):
+    """Ranges over n items of ``per_item`` float64 values each, about ``budget`` values per range."""
+    step = max(1, budget // max(per_item, 1))
+    for s in range(0, n, step):
+        yield slice(s, min(n, s + step))
+
+
+def block_newton(st) -> torch.Tensor:
+    """F_b⁻¹ ḡ_b for every block (WoodTaylor's Newton step, ḡ = the mean per-sample gradient):
+    (out, L) in the canonical layout."""
+    lay = st.blocks
+    out = st.gsum.shape[0]
+    gb = lay.gather(st.gsum.to(DTYPE) / max(st.n, 1)).reshape(out * lay.nb, lay.cb)
+    a = torch.empty_like(gb)
+    for sl in _slabs(len(gb), lay.cb * lay.cb):
+        a[sl] = torch.bmm(st.finv[sl].to(DTYPE), gb[sl].unsqueeze(-1)).squeeze(-1)
+    return lay.scatter(a.reshape(out, lay.nb, lay.cb))
+
+
+def unit_block_pairs(lay, unit: np.ndarray):
+    """A column unit's weights inside each block it touches: {size s: (unit ids (P,), blocks (P,),
+    slots (P, s))}, from the canonical column units (length cols, -1: not this group)."""
+    blk, pos = lay.locate()
+    pairs: dict[tuple[int, int], list[int]] = {}
+    for i, u in enumerate(unit.tolist()):
+        if u >= 0:
+            pairs.setdefault((u, int(blk[i])), []).append(int(pos[i]))
+    by_size: dict[int, tuple[list, list, list]] = {}
+    for (u, b), slots in pairs.items():
+        ids, bs, ss = by_size.setdefault(len(slots), ([], [], []))
+        ids.append(u)
+        bs.append(b)
+        ss.append(slots)
+    return {s: (torch.as_tensor(i), torch.as_tensor(b), torch.as_tensor(p)) for s, (i, b, p) in by_size.items()}
+
+
 class WoodFisher(_LayerwiseCriterion):
-    """Structured OBS with a blockwise empirical-Fisher inverse (one block per output row, built by
-    Woodbury rank-1 updates): ρ_Q = ½ w_Qᵀ ([F⁻¹]_QQ)⁻¹ w_Q per row, summed over rows."""
+    """Structured OBS with a block-diagonal empirical-Fisher inverse (METHODS §6): every row of the
+    canonical weight is split into blocks of at most ``Stats.block_size`` weights (aligned on whole
+    input channels), each block's F_b⁻¹ built by Woodbury updates. A unit whose weights Q fall into
+    blocks b scores ρ = Σ_b ½ w_Qbᵀ ([F_b⁻¹]_QbQb)⁻¹ w_Qb (a whole block: ½ w_bᵀ F_b w_b)."""
 
     name = "woodfisher"
     needs = frozenset({"woodfisher"})
 
-    def _finv(self, ctx, view) -> torch.Tensor:
-        return ctx.stats.layers[view.node].finv.to(DTYPE)
+    def target(self, ctx, view, W) -> torch.Tensor:
+        """The vector the constraint moves: w (WoodTaylor: w − F⁻¹ḡ)."""
+        return W
+
+    def _v(self, ctx, view, W) -> torch.Tensor:
+        st = ctx.stats.layers[view.node]
+        return self._memo((view.node, "v"), lambda: self.target(ctx, view, W[:, :st.blocks.length]))
 
     def rows(self, ctx, view, W, unit, n):
-        finv = self._finv(ctx, view)
-        rho = 0.5 * (W * torch.linalg.solve(finv, W.unsqueeze(-1)).squeeze(-1)).sum(1)
-        return unit_sums(rho, unit, n)
+        st = ctx.stats.layers[view.node]
+        lay = st.blocks
+        vb = lay.gather(self._v(ctx, view, W)).reshape(-1, lay.cb)  # (out·nb, cb)
+        rho = torch.empty(len(vb), dtype=DTYPE)
+        for sl in _slabs(len(vb), lay.cb * lay.cb):
+            x = torch.linalg.solve(st.finv[sl].to(DTYPE), vb[sl].unsqueeze(-1)).squeeze(-1)
+            rho[sl] = 0.5 * (vb[sl] * x).sum(-1)
+        return unit_sums(rho.reshape(view.out, lay.nb).sum(1), unit, n)
 
     def cols(self, ctx, view, W, unit, n):
-        finv = self._finv(ctx, view)
+        st = ctx.stats.layers[view.node]
+        lay = st.blocks
+        finv = st.finv.view(view.out, lay.nb, lay.cb, lay.cb)
+        vb = lay.gather(self._v(ctx, view, W))  # (out, nb, cb)
         out = torch.zeros(n, dtype=DTYPE)
-        for _, (ids, idx) in _unit_index_blocks(unit).items():
-            Fb = finv[:, idx[:, :, None], idx[:, None, :]]  # (rows, units, s, s)
-            wb = W[:, idx]  # (rows, units, s)
-            q = (wb * torch.linalg.solve(Fb, wb.unsqueeze(-1)).squeeze(-1)).sum(-1)  # (rows, units)
-            out[ids] += 0.5 * q.sum(0)
+        for s, (ids, bs, slots) in unit_block_pairs(lay, unit).items():
+            for sl in _slabs(len(ids), view.out * s * s):
+                b, p = bs[sl], slots[sl]
+                H = finv[:, b[:, None, None], p[:, :, None], p[:, None, :]].to(DTYPE)  # (out, P, s, s)
+                w = vb[:, b[:, None], p]  # (out, P, s)
+                q = (w * torch.linalg.solve(H, w.unsqueeze(-1)).squeeze(-1)).sum(-1)  # (out, P)
+                out.index_add_(0, ids[sl], 0.5 * q.sum(0))
         return out
 
 
-CURVATURE = {c.name: c for c in (Taylor, FisherOBD, KronOBD, KronOBS, WoodFisher)}
+class WoodTaylor(WoodFisher):
+    """WoodFisher not at a minimum (METHODS §6): ΔL = ḡᵀδw + ½ δwᵀFδw minimised under w_Q + δw_Q = 0
+    in each touched block gives −½ ḡ_bᵀF_b⁻¹ḡ_b + ½ v_Qᵀ([F_b⁻¹]_QQ)⁻¹ v_Q with v = w − F_b⁻¹ḡ_b.
+    The first term is the Newton step's gain, available without removing anything, so the score is
+    the loss increase over that: ρ = Σ_b ½ v_Qbᵀ([F_b⁻¹]_QbQb)⁻¹ v_Qb. ḡ is the mean of the same
+    per-sample gradients the inverse is built from."""
+
+    name = "woodtaylor"
+    needs = frozenset({"woodfisher", "woodtaylor"})
+
+    def target(self, ctx, view, W):
+        return W - block_newton(ctx.stats.layers[view.node])
+
+
+CURVATURE = {c.name: c for c in (Taylor, FisherOBD, KronOBD, KronOBS, WoodFisher, WoodTaylor)}

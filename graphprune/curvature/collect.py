@@ -6,7 +6,9 @@ needs (declared by the criteria):
   "kfac"         A = E[a aᵀ] (bias column included), S = E_n[Σ_t ds dsᵀ] (K-FAC, OBS compensation)
   "kfac_a"       A (and the grouped convs' Ag) only: layer-wise OBS compensation reads nothing else, and S
                  of a wide layer (a 6,625-class head: N·T·C² multiply-adds) can cost more than the network
-  "woodfisher"   per output row, the inverse of λI + (1/m) Σ_n g g ᵀ by Woodbury rank-1 updates
+  "woodfisher"   per diagonal block of at most ``block_size`` weights of a row (aligned on whole input
+                 channels), the inverse of λI + (1/m) Σ_n g_b g_bᵀ by Woodbury updates (METHODS §6)
+  "woodtaylor"   Σ_n g_n, the summed per-sample gradients (the mean gradient of WoodTaylor)
 """
 from __future__ import annotations
 
@@ -31,8 +33,12 @@ class LayerStats:
     Ag: torch.Tensor | None = None
     S: torch.Tensor | None = None  # (out, out) summed over samples, divide by n
     fisher: torch.Tensor | None = None  # (out, cols+1) Σ_n g_n²
-    finv: torch.Tensor | None = None  # (out, cols+1, cols+1) Woodbury-updated inverse
-    lam: float = 0.0  # WoodFisher dampening actually used
+    #: WoodFisher: (out·nb, cb, cb) Woodbury-updated inverse of every diagonal block (row r's block b
+    #: at r·nb + b), laid out by ``blocks``; float64 (see WOODFISHER_DTYPE)
+    finv: torch.Tensor | None = None
+    blocks: "BlockLayout | None" = None
+    gsum: torch.Tensor | None = None  # (out, L) Σ_n g_n (WoodTaylor), L = cols (+1 with a bias)
+    lam: float = 0.0  # WoodFisher dampening actually used (one λ for the layer's blocks)
     n: int = 0
 
 
@@ -42,6 +48,98 @@ class Stats:
     samples: int = 0
     loss: str = ""
     seconds: float = 0.0
+    block_size: int | None = None  # WoodFisher block size used (None: one block per row)
+
+
+#: The WoodFisher inverses are float64: a block's condition number reaches c/damping and beyond
+#: (λ is relative to the layer's mean), and float32 Woodbury updates lose ~1e-7·λ⁻¹ per update, so
+#: float32 inverses lose definiteness (random ResNet-18, c = 89, damping 1e-3, 32 samples: a third of
+#: the float32 blocks had a non-positive eigenvalue, none in float64). Per-sample gradients, im2col
+#: and the executor stay float32.
+WOODFISHER_DTYPE = torch.float64
+
+
+#: the largest default WoodFisher block (weights); smaller when --max-memory asks for it
+DEFAULT_MAX_BLOCK = 1024
+#: per-sample gradients applied together in one rank-k Woodbury update
+WOODBURY_SAMPLES = 32
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one row of a layer's canonical weight (L = cols, plus the bias column when the layer has
+    a bias) is split into contiguous diagonal blocks of the Fisher. Every row has the same split;
+    blocks are padded to the largest size ``cb`` (padded slots have no gradient: they stay λ⁻¹·e
+    and are never read)."""
+
+    length: int
+    starts: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def nb(self) -> int:
+        return len(self.starts)
+
+    @property
+    def cb(self) -> int:
+        return max(self.sizes)
+
+    def index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nb, cb) column index of every block slot (clipped for padding) and whether it is real."""
+        pos = torch.arange(self.cb)
+        starts, sizes = torch.tensor(self.starts), torch.tensor(self.sizes)
+        valid = pos[None, :] < sizes[:, None]
+        idx = torch.where(valid, starts[:, None] + pos[None, :], torch.zeros((), dtype=torch.long))
+        return idx, valid
+
+    def locate(self) -> tuple[np.ndarray, np.ndarray]:
+        """For every column of the row: (its block, its slot in the block)."""
+        blk = np.repeat(np.arange(self.nb), self.sizes)
+        pos = np.concatenate([np.arange(n) for n in self.sizes])
+        return blk, pos
+
+    def gather(self, W: torch.Tensor) -> torch.Tensor:
+        """(rows, L) → (rows, nb, cb), padded slots zero."""
+        idx, valid = self.index()
+        return W[:, idx] * valid.to(W.dtype)
+
+    def scatter(self, Wb: torch.Tensor) -> torch.Tensor:
+        """(rows, nb, cb) → (rows, L), inverse of ``gather`` on the real slots."""
+        idx, valid = self.index()
+        out = torch.zeros(Wb.shape[0], self.length, dtype=Wb.dtype)
+        out[:, idx[valid]] = Wb[:, valid]
+        return out
+
+
+def block_layout(view: LayerView, block_size: int | None) -> BlockLayout:
+    """Split a row (its input channels' kh·kw taps, then the bias) into the fewest blocks of at most
+    ``block_size`` weights, cut only between input channels when a channel fits in a block (so a
+    channel's weights fall into one block), balanced in size. None or a block at least the row: one
+    block per row (the dense per-row inverse)."""
+    L = view.cols + (view.bias is not None)
+    if block_size is None or block_size >= L:
+        return BlockLayout(L, (0,), (L,))
+    c = max(1, int(block_size))
+    unit = view.taps if c >= view.taps else 1  # a channel's taps, or single weights if a channel won't fit
+    nunits = view.cols // unit
+    extra = L - view.cols  # the bias, appended to the last block
+    nb = max(1, -(-L // c))
+    while True:
+        q, r = divmod(nunits, nb)
+        counts = [q + 1] * r + [q] * (nb - r)
+        sizes = [k * unit for k in counts]
+        sizes[-1] += extra
+        if max(sizes) <= c and min(sizes) > 0 or nb >= nunits + extra:
+            break
+        nb += 1
+    sizes = [n for n in sizes if n > 0]
+    starts = tuple(int(x) for x in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+    return BlockLayout(L, starts, tuple(sizes))
+
+
+def woodfisher_bytes(view: LayerView, block_size: int | None) -> int:
+    lay = block_layout(view, block_size)
+    return WOODFISHER_DTYPE.itemsize * view.out * lay.nb * lay.cb * lay.cb
 
 
 def _augment(a: torch.Tensor) -> torch.Tensor:
@@ -58,9 +156,13 @@ def _per_sample_grads(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
 
 class _Accumulator:
     def __init__(self, views: dict[str, LayerView], needs: set[str], total: int, damping: float,
-                 chunk: int = 8) -> None:
+                 chunk: int = 8, block_size: int | None = None) -> None:
         self.views, self.needs, self.total, self.damping, self.chunk = views, needs, total, damping, chunk
         self.stats = {name: LayerStats() for name in views}
+        self._pending: dict[int, list[torch.Tensor]] = {}
+        if "woodfisher" in needs or "woodtaylor" in needs:
+            for name, view in views.items():
+                self.stats[name].blocks = block_layout(view, block_size)
         self.batch_size = 1
 
     def record(self, node, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -89,40 +191,75 @@ class _Accumulator:
                 d = ds.reshape(ds.shape[0], -1, ds.shape[3])  # (N, out, T)
                 ss = torch.einsum("not,npt->op", d, d)
                 st.S = ss if st.S is None else st.S + ss
-            if "fisher_diag" in self.needs or "woodfisher" in self.needs:
+            if self.needs & {"fisher_diag", "woodfisher", "woodtaylor"}:
                 gs = _per_sample_grads(a, ds)
                 if "fisher_diag" in self.needs:
                     sq = gs.pow(2).sum(0)
                     st.fisher = sq if st.fisher is None else st.fisher + sq
-                if "woodfisher" in self.needs:
-                    self._woodbury(st, gs)
+                if self.needs & {"woodfisher", "woodtaylor"}:
+                    gs = gs[:, :, :st.blocks.length]  # without the bias column when the layer has none
+                if "woodtaylor" in self.needs:
+                    gsum = gs.sum(0)
+                    st.gsum = gsum if st.gsum is None else st.gsum + gsum
+                if self.needs & {"woodfisher", "woodtaylor"}:
+                    self._queue(st, gs, last=s + self.chunk >= n)
             st.n += ds.shape[0]
 
-    def _woodbury(self, st: LayerStats, gs: torch.Tensor) -> None:
-        """Woodbury updates of F̂⁻¹ = (λI + (1/m) Σ g gᵀ)⁻¹, every output row's block at once.
+    def _queue(self, st: LayerStats, gs: torch.Tensor, last: bool) -> None:
+        """Per-sample gradients go into the Woodbury update WOODBURY_SAMPLES at a time (a batch's
+        chunks are gathered first: each update is a pass over the layer's inverses, so fewer and
+        wider updates are much faster), never more than that held."""
+        buf = self._pending.setdefault(id(st), [])
+        buf.append(gs)
+        if last or sum(len(x) for x in buf) >= WOODBURY_SAMPLES:
+            self._woodbury(st, torch.cat(buf) if len(buf) > 1 else buf[0])
+            buf.clear()
 
-        The k samples of a chunk are applied together with the rank-k form
-        F⁻¹ ← F⁻¹ − F⁻¹Gᵀ (m I + G F⁻¹ Gᵀ)⁻¹ G F⁻¹, which equals k successive rank-1 updates
-        F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g) exactly. λ = damping × mean diagonal of the
-        empirical Fisher, estimated on the first chunk (the gradients' scale is not known before).
+    def _woodbury(self, st: LayerStats, gs: torch.Tensor, slab: int = 1 << 22) -> None:
+        """Woodbury updates of every block's F̂_b⁻¹ = (λI + (1/m) Σ_n g_b g_bᵀ)⁻¹ by one chunk of k
+        per-sample gradients gs (k, out, L).
+
+        The k samples are applied together with the rank-k form
+        F⁻¹ ← F⁻¹ − U (m I + G U)⁻¹ Uᵀ, U = F⁻¹Gᵀ, which equals k successive rank-1 updates
+        F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g) exactly, in float64 (WOODFISHER_DTYPE), the update is written in place a slab of blocks at a time (temporaries
+        stay O(k·c) per block). λ = damping × mean diagonal of the layer's empirical Fisher (1/m)Σ g²,
+        estimated on the first update (the gradients' scale is not known before), shared by the
+        layer's blocks (as the per-row implementation had it).
         """
-        G = gs.to(torch.float64).transpose(0, 1)  # (out, k, c)
+        lay = st.blocks
+        dt = WOODFISHER_DTYPE
+        k, out = gs.shape[0], gs.shape[1]
+        G = lay.gather(gs.reshape(k * out, -1)).reshape(k, out * lay.nb, lay.cb).transpose(0, 1)  # (B, k, cb)
         if st.finv is None:
-            out, c = G.shape[0], G.shape[2]
-            st.lam = max(self.damping * float(G.pow(2).mean()), 1e-12)
-            st.finv = torch.eye(c, dtype=torch.float64, device=gs.device).expand(out, c, c).clone() / st.lam
+            st.lam = max(self.damping * float(gs.double().pow(2).mean()), 1e-12)
+            st.finv = torch.zeros(out * lay.nb, lay.cb, lay.cb, dtype=dt, device=gs.device)
+            st.finv.diagonal(dim1=1, dim2=2).fill_(1.0 / st.lam)
         m = float(self.total)
-        U = torch.einsum("oij,okj->oki", st.finv, G)  # F⁻¹ gᵀ per sample
-        K = m * torch.eye(G.shape[1], dtype=torch.float64, device=G.device) + torch.einsum("oki,oli->okl", G, U)
-        st.finv -= torch.einsum("oki,okl->oil", U, torch.linalg.solve(K, U))
+        eye = m * torch.eye(k, dtype=torch.float64, device=gs.device)
+        step = max(1, slab // (lay.cb * lay.cb))
+        for s in range(0, G.shape[0], step):
+            F, Gs = st.finv[s:s + step], G[s:s + step].to(dt)
+            U = torch.bmm(F, Gs.transpose(1, 2))  # (b, cb, k) = F⁻¹ gᵀ
+            K = eye + torch.bmm(Gs.double(), U.double())  # (b, k, k), eigenvalues ≥ m
+            # K is SPD: Cholesky inverse (batched solve with cb right-hand sides and batched inv of
+            # small matrices take very slow paths in torch); LU where rounding broke definiteness
+            L, info = torch.linalg.cholesky_ex(K)
+            Kinv = torch.cholesky_inverse(L)
+            if bool(info.any()):
+                bad = info != 0
+                Kinv[bad] = torch.linalg.inv(K[bad])
+            V = torch.bmm(Kinv.to(dt), U.transpose(1, 2))  # (b, k, cb) = K⁻¹Uᵀ
+            F.baddbmm_(U, V, alpha=-1.0)
 
 
 def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8, *,
-                   weights_shared: bool = False) -> dict[str, int]:
+                   weights_shared: bool = False, block_size: int | None = None) -> dict[str, int]:
     """Memory the statistics will hold (bytes), per kind, before anything is computed. "executor" is
     the PyTorch executor's gradients of the layer weights, plus its copy of the weights unless it
-    shares the graph's arrays (``weights_shared``, on CPU)."""
+    shares the graph's arrays (``weights_shared``, on CPU). "woodfisher" is the block inverses at
+    ``block_size`` (None: one block per output row)."""
     out = {"kfac": 0, "fisher_diag": 0, "woodfisher": 0, "executor": 0, "transient": 0}
+    wood = needs & {"woodfisher", "woodtaylor"}
     for v in views.values():
         c = v.cols + 1
         out["executor"] += (1 if weights_shared else 2) * 4 * v.out * c
@@ -131,11 +268,43 @@ def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8,
             out["kfac"] += 4 * (c * c * (1 + per_group) + v.out * v.out)
         if "fisher_diag" in needs:
             out["fisher_diag"] += 4 * v.out * c
-        if "woodfisher" in needs:
-            out["woodfisher"] += 8 * v.out * c * c * 3  # the inverse plus two update temporaries
-        if needs & {"fisher_diag", "woodfisher"}:
+        if wood:
+            out["woodfisher"] += woodfisher_bytes(v, block_size)
+            if "woodtaylor" in needs:
+                out["woodfisher"] += 4 * v.out * c  # Σ g
+            # per-sample gradients and their blocked copy; one slab's float64 solve when scoring
+            lay = block_layout(v, block_size)
+            out["transient"] = max(out["transient"], 4 * WOODBURY_SAMPLES * v.out * (c + 2 * lay.nb * lay.cb),
+                                   8 * 3 * min(v.out * lay.nb * lay.cb * lay.cb, 1 << 21))
+        if "fisher_diag" in needs:
             out["transient"] = max(out["transient"], 4 * chunk * v.out * c * 2)
     return out
+
+
+def default_block_size(views: dict[str, LayerView], needs: set[str], limit: int, *, chunk: int = 8,
+                       weights_shared: bool = False, largest: int = DEFAULT_MAX_BLOCK) -> int:
+    """The largest WoodFisher block size (≤ ``largest``) whose whole estimate takes at most half of
+    ``limit`` bytes (the other half is for the forward/backward pass, whose activations the estimate
+    does not count), else the largest that fits ``limit`` itself, so the criterion is refused only
+    where no block size would do (then 1 is returned and the caller's check refuses). The inverses
+    take about 4·params·c bytes."""
+    def largest_fitting(budget: int) -> int | None:
+        def fits(c: int) -> bool:
+            return sum(estimate_bytes(views, needs, chunk, weights_shared=weights_shared,
+                                      block_size=c).values()) <= budget
+
+        hi = min(largest, max((v.cols + 1 for v in views.values()), default=1))
+        if fits(hi):
+            return hi
+        lo = 1
+        if not fits(lo):
+            return None
+        while hi - lo > 1:  # the estimate grows with c (up to the blocks' balancing)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    return largest_fitting(limit // 2) or largest_fitting(limit) or 1
 
 
 def available_bytes() -> int | None:
@@ -150,11 +319,12 @@ def available_bytes() -> int | None:
 
 def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, needs: set[str], *,
             batch_size: int = 32, damping: float = 1e-3, seed: int = 0, on_batch=None,
-            device: str = "cpu") -> Stats:
-    """Run forward/backward over the calibration set, accumulating what ``needs`` asks for."""
+            device: str = "cpu", block_size: int | None = None) -> Stats:
+    """Run forward/backward over the calibration set, accumulating what ``needs`` asks for
+    (``block_size``: WoodFisher's diagonal blocks, None: one per output row)."""
     t0 = time.perf_counter()
-    acc = _Accumulator(views, needs, len(data), damping)
-    layer_needs = needs & {"kfac", "kfac_a", "fisher_diag", "woodfisher"}
+    acc = _Accumulator(views, needs, len(data), damping, block_size=block_size)
+    layer_needs = needs & {"kfac", "kfac_a", "fisher_diag", "woodfisher", "woodtaylor"}
     tg.recorder = acc.record if layer_needs else None
     gen = torch.Generator().manual_seed(seed)
     spec = as_spec(loss_kind)
@@ -174,4 +344,10 @@ def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, ne
         seen += acc.batch_size
         log.progress("statistics", k + 1, n_batches, items=seen, total_items=len(data))
     tg.recorder = None
+    for st in acc.stats.values():
+        if st.finv is not None:  # the updates leave rounding-level asymmetry: make every block symmetric
+            step = max(1, (1 << 22) // (st.finv.shape[1] ** 2))
+            for s in range(0, len(st.finv), step):
+                F = st.finv[s:s + step]
+                F.copy_((F + F.transpose(1, 2)) * 0.5)
     return Stats(acc.stats, len(data), str(spec), time.perf_counter() - t0)

@@ -6,7 +6,11 @@
   δW = −W_J ([H⁻¹]_JJ)⁻¹ [H⁻¹]_J,:
 * kron-obs additionally updates a producer's remaining rows with S:
   δW_rest = −[S⁻¹]_rest,I ([S⁻¹]_II)⁻¹ W_I
-* woodfisher uses its own per-row inverse: δw_r = −F⁻¹_r[:,Q] ([F⁻¹_r]_QQ)⁻¹ w_r,Q
+* woodfisher uses its own block inverses: in every block b of every row that holds removed
+  columns Q_b, δw_b = −F_b⁻¹[:,Q_b] ([F_b⁻¹]_QbQb)⁻¹ w_Qb (other blocks are untouched); when Q_b is
+  the whole block the system is still the damped F_b, so it stays well-posed
+* woodtaylor, the same with the gradient term: δw_b = −F_b⁻¹ḡ_b − F_b⁻¹[:,Q_b] ([F_b⁻¹]_QbQb)⁻¹ v_Qb,
+  v = w − F_b⁻¹ḡ_b (the constrained minimum of ḡᵀδw + ½δwᵀFδw, METHODS §6)
 
 Returns new values for the touched initializers (ONNX layouts), to be written before rewriting,
 so the pruned model and its masked original both carry the compensated weights.
@@ -16,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..criteria.curvature import DTYPE, damped
+from ..criteria.curvature import DTYPE, _slabs, block_newton, damped
 
-METHODS = ("obs", "kron-obs", "woodfisher")
+METHODS = ("obs", "kron-obs", "woodfisher", "woodtaylor")
 
 
 def _obs_update(W: torch.Tensor, Hinv: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
@@ -30,6 +34,31 @@ def _obs_update(W: torch.Tensor, Hinv: torch.Tensor, J: torch.Tensor) -> torch.T
     W = W + delta
     W[:, J] = 0.0
     return W
+
+
+def _woodfisher_update(st, W: torch.Tensor, J: np.ndarray, taylor: bool = False) -> torch.Tensor:
+    """Remove columns J (canonical, < L) of W (out, L) with every block's OBS update."""
+    lay = st.blocks
+    out = W.shape[0]
+    finv = st.finv.view(out, lay.nb, lay.cb, lay.cb)
+    idx, valid = lay.index()
+    blk, pos = lay.locate()
+    a = block_newton(st) if taylor else None
+    v = W - a if taylor else W
+    Wn = W.clone()
+    for b in np.unique(blk[J]).tolist():
+        Q = torch.as_tensor(pos[J][blk[J] == b])
+        real = valid[b]
+        cols = idx[b][real]
+        for sl in _slabs(out, lay.cb * lay.cb):
+            F = finv[sl, b].to(DTYPE)  # (rows, cb, cb)
+            x = torch.linalg.solve(F[:, Q][:, :, Q], v[sl][:, idx[b][Q]].unsqueeze(-1))
+            delta = -torch.bmm(F[:, :, Q], x).squeeze(-1)  # (rows, cb)
+            if taylor:
+                delta -= lay.gather(a[sl])[:, b]
+            Wn[sl, cols] += delta[:, real]
+    Wn[:, torch.as_tensor(J)] = 0.0
+    return Wn
 
 
 def compensate(ctx, keep_fn, method: str = "obs", damping: float = 1e-3) -> dict[str, np.ndarray]:
@@ -55,15 +84,10 @@ def compensate(ctx, keep_fn, method: str = "obs", damping: float = 1e-3) -> dict
         W = torch.as_tensor(view.canonical(w, b if has_bias else np.zeros(view.out)), dtype=DTYPE)
         J = torch.as_tensor(np.nonzero(~cols_keep)[0])
         idx = slice(None) if has_bias else slice(0, view.cols)  # without a bias there is no constant input
-        if method == "woodfisher":
-            finv = st.finv.to(DTYPE)[:, idx, idx]
-            Wm = W[:, idx].clone()
+        if method in ("woodfisher", "woodtaylor"):
+            L = st.blocks.length  # cols, plus the bias column when the layer has one
             if len(J):
-                HJJ = finv[:, J][:, :, J]
-                delta = -torch.einsum("rij,rj->ri", finv[:, :, J], torch.linalg.solve(HJJ, Wm[:, J].unsqueeze(-1)).squeeze(-1))
-                Wm = Wm + delta
-                Wm[:, J] = 0.0
-            W[:, idx] = Wm
+                W[:, :L] = _woodfisher_update(st, W[:, :L], J.numpy(), taylor=method == "woodtaylor")
         else:
             if st.Ag is not None:  # grouped conv: each group's rows with that group's input factor
                 groups = st.Ag.shape[0]
