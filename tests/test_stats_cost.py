@@ -44,3 +44,38 @@ def test_input_factor_only():
         if st.Ag is not None:
             torch.testing.assert_close(a_only[name].Ag, st.Ag)
     assert any(st.Ag is not None for st in full.values())
+
+
+def test_patches_without_im2col_copies_are_the_same():
+    """1x1 convs read the (strided, padded) input directly and symmetric pads go to unfold: the
+    patches equal F.pad + F.unfold exactly."""
+    import torch.nn.functional as F
+
+    from graphprune.curvature.layers import LayerView
+
+    def reference(v, x):
+        c = v.conv
+        nd = len(c["kernel"])
+        if nd == 1:
+            x = x.unsqueeze(2)
+        p = c["pads"]
+        pad = (p[0], p[1]) if nd == 1 else (p[1], p[3], p[0], p[2])
+        x = F.pad(x, pad)
+        k = c["kernel"] if nd == 2 else (1, c["kernel"][0])
+        s = c["strides"] if nd == 2 else (1, c["strides"][0])
+        d = c["dilations"] if nd == 2 else (1, c["dilations"][0])
+        cols = F.unfold(x, k, dilation=d, stride=s)
+        return cols.reshape(cols.shape[0], v.groups, v.cols, cols.shape[2])
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [((1, 1), [0, 0, 0, 0], (1, 1), (1, 1), 1), ((1, 1), [0, 0, 0, 0], (2, 2), (1, 1), 1),
+             ((1, 1), [1, 0, 1, 0], (2, 1), (1, 1), 2), ((3, 3), [1, 1, 1, 1], (1, 1), (1, 1), 1),
+             ((3, 3), [1, 1, 1, 1], (2, 2), (2, 2), 4), ((3, 3), [0, 1, 1, 2], (1, 2), (1, 1), 1),
+             ((1, 3), [0, 1, 0, 1], (1, 1), (1, 1), 4), ((1,), [0, 0], (2,), (1,), 1), ((3,), [1, 2], (1,), (1,), 2)]
+    for k, pads, s, d, g in cases:
+        cin = 8
+        taps = int(np.prod(k))
+        v = LayerView("n", "Conv", "w", None, g, 4 * g, cin // g * taps, taps,
+                      conv={"kernel": k, "pads": pads, "strides": s, "dilations": d})
+        x = torch.randn(3, cin, *((9, 11) if len(k) == 2 else (13,)), generator=gen)
+        assert torch.equal(v.patches(x), reference(v, x)), (k, pads, s, d, g)

@@ -168,7 +168,13 @@ def resolve_loss(kind: str, data: CalibData, graph, state=None) -> str:
 
     base, axes = _parse(kind)
     opset = int(getattr(state, "opset", None) or graph.opset or 17)
-    outs = [t for t in graph.outputs if t.dtype is None or np.issubdtype(np.dtype(t.dtype), np.floating)]
+    def is_float(t) -> bool:
+        try:
+            return t.dtype is None or np.issubdtype(np.dtype(t.dtype), np.floating)
+        except TypeError:  # a dtype numpy does not know (bfloat16, ...): floating point in practice
+            return "float" in str(t.dtype).lower()
+
+    outs = [t for t in graph.outputs if is_float(t)]
     if not outs:
         raise UserError("the model has no floating-point output to take a loss of")
     index = {t.name: i for i, t in enumerate(graph.outputs)}

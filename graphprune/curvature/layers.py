@@ -67,14 +67,19 @@ class LayerView:
             pad = (pads[0], pads[1])
         else:
             pad = (pads[1], pads[3], pads[0], pads[2])
-        if any(pad):
-            x = F.pad(x, pad)
         k = c["kernel"] if nd == 2 else (1, c["kernel"][0])
         s = c["strides"] if nd == 2 else (1, c["strides"][0])
         d = c["dilations"] if nd == 2 else (1, c["dilations"][0])
-        cols = F.unfold(x, k, dilation=d, stride=s)  # (N, C*kh*kw, T)
-        n, _, t = cols.shape
-        return cols.reshape(n, self.groups, self.cols, t)
+        n = x.shape[0]
+        if tuple(k) == (1, 1):  # 1x1: the patches are the (strided) input itself, no im2col copy
+            if any(pad):
+                x = F.pad(x, pad)
+            return x[:, :, ::s[0], ::s[1]].reshape(n, self.groups, self.cols, -1)
+        if len(pad) == 4 and pad[0] == pad[1] and pad[2] == pad[3]:  # symmetric: unfold pads itself
+            cols = F.unfold(x, k, dilation=d, padding=(pad[2], pad[0]), stride=s)  # (N, C*kh*kw, T)
+        else:
+            cols = F.unfold(F.pad(x, pad) if any(pad) else x, k, dilation=d, stride=s)
+        return cols.reshape(n, self.groups, self.cols, cols.shape[2])
 
     def out_grads(self, g: torch.Tensor) -> torch.Tensor:
         """Output gradients ds: (N, groups, out/groups, T)."""
