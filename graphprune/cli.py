@@ -110,6 +110,9 @@ def add_recover_options(p: argparse.ArgumentParser, steps_flag: str = "--recover
     rc.add_argument("--recover-lr", type=_positive, default=1e-3, metavar="LR",
                     help="AdamW learning rate, cosine schedule (default 1e-3)")
     rc.add_argument("--recover-batch", type=int, default=32, metavar="B", help="mini-batch size (default 32)")
+    rc.add_argument("--recover-features", action="store_true",
+                    help="also match the dense model's activations at block boundaries (tensors read by several "
+                         "nodes) that the plan left at full width (MSE over their variance)")
 
 
 def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True) -> None:
@@ -263,7 +266,7 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
                        provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache,
                        max_memory=args.max_memory, input_shapes=args.input_shape or None,
                        block_size=args.block_size, recover=args.recover, recover_lr=args.recover_lr,
-                       recover_batch=args.recover_batch)
+                       recover_batch=args.recover_batch, recover_features=args.recover_features)
 
 
 def print_summary(rep: dict, output: str) -> None:

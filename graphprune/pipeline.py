@@ -62,6 +62,7 @@ class PruneConfig:
     recover: int | None = None
     recover_lr: float = 1e-3
     recover_batch: int = 32
+    recover_features: bool = False  # also match block-boundary activations the plan left whole
     max_memory: int | None = None  # bytes for curvature statistics (default: 80% of available RAM)
     block_size: int | None = None  # WoodFisher diagonal blocks (weights); None: the largest that fits max_memory
     # hardware-aware planning (--keep-latency)
@@ -427,6 +428,14 @@ class _Recovery:
         data = load_calib(model, config.calib, 1 << 62, config.seed, shapes=tr.input_shapes)
         self.inputs, self.labels = data.inputs, data.labels
         self.teacher = teacher_outputs(GraphModel(tr.graph, model), self.inputs)
+        self.features = {}
+        if config.recover_features:
+            from .curvature.collect import available_bytes
+            from .recover import branch_tensors, teacher_features
+
+            dense = GraphModel(tr.graph, model)
+            self.features = teacher_features(dense, self.inputs, branch_tensors(dense.model),
+                                             int(0.25 * (available_bytes() or 1 << 34)))
         self.allowed = {name for name, t in tr.graph.tensors().items() if hasattr(t, "values")}
         self.cfg = RecoverConfig(steps=steps, lr=config.recover_lr, batch_size=config.recover_batch,
                                  seed=config.seed, device=config.device)
@@ -440,7 +449,7 @@ class _Recovery:
         t = time.perf_counter()
         before = evaluate(pruned, eval_data) if eval_data else None
         res = recover(pruned, self.inputs, self.teacher, self.cfg, self.labels, self.allowed,
-                      tag=tag.replace("_", " "))
+                      tag=tag.replace("_", " "), features=self.features)
         write_values(pruned, res.values)
         entry = res.summary()
         if before is not None:

@@ -49,6 +49,7 @@ class RecoverConfig:
     holdout: float = 0.125  # fraction of the calibration inputs held out for early stopping
     temperature: float = 1.0
     anchor: float = 0.0  # L2 penalty on the change from the starting (compensated) weights
+    feature_weight: float = 1.0  # weight of the intermediate-feature term (when features are given)
     weight_decay: float = 0.0
     eval_every: int = 0  # 0: about 20 evaluations over the run
     seed: int = 0
@@ -64,13 +65,14 @@ class RecoverResult:
     losses: list[str] = field(default_factory=list)
     samples: dict = field(default_factory=dict)
     processes: int = 1  # data-parallel ranks (torchrun)
+    features: list[str] = field(default_factory=list)  # intermediate tensors matched
 
     def summary(self) -> dict:
         start = self.history[0]["holdout_loss"] if self.history else None
         best = next((h["holdout_loss"] for h in self.history if h["step"] == self.best_step), None)
         return {"steps": self.history[-1]["step"] if self.history else 0, "best_step": self.best_step,
                 "holdout_loss_before": start, "holdout_loss_after": best, "losses": self.losses,
-                "samples": self.samples, "processes": self.processes, "seconds": round(self.seconds, 3),
+                "samples": self.samples, "processes": self.processes, "features": self.features, "seconds": round(self.seconds, 3),
                 "curve": self.history,
                 "tensors": sorted(self.values)}
 
@@ -164,10 +166,75 @@ def teacher_outputs(dense, inputs: dict[str, np.ndarray], batch: int = 64) -> li
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
+def branch_tensors(model: onnx.ModelProto) -> list[str]:
+    """Block boundaries for feature matching: float activations read by two or more nodes (the
+    residual stream between blocks, skip connections, concat inputs), graph inputs and outputs aside."""
+    inits = {i.name for i in model.graph.initializer}
+    skip = inits | {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in dict.fromkeys(node.input):
+            if name and name not in skip:
+                readers[name] = readers.get(name, 0) + 1
+    inferred = onnx.shape_inference.infer_shapes(model)
+    floats = {v.name for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    return [name for name, k in readers.items() if k >= 2 and name in floats]
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the activations ``names`` (float32)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                          for n in names if n not in have)
+    return m
+
+
+def teacher_features(dense, inputs: dict[str, np.ndarray], names: list[str],
+                     limit_bytes: int) -> dict[str, np.ndarray]:
+    """The dense model's activations ``names`` on every calibration input (onnxruntime; ``dense``: a
+    ModelProto or a GraphModel)."""
+    import copy
+
+    from .runtime import GraphModel
+
+    from .runtime import run, session
+
+    if not names:
+        return {}
+
+    def extended(keep):
+        if isinstance(dense, GraphModel):
+            src = copy.copy(dense)
+            src.model = with_outputs(dense.model, keep)
+            return src, len(dense.model.graph.output)
+        return with_outputs(dense, keep), len(dense.graph.output)
+
+    # batch-major activations only (a sequence-first (T, B, E) tensor is not sliced per sample)
+    src, n_out = extended(names)
+    sess = session(src)
+    one, two = ([np.asarray(a).shape for a in run(sess, {k: v[:1].repeat(b, 0) for k, v in inputs.items()})[n_out:]]
+                for b in (1, 2))
+    names = [n for n, a, b in zip(names, one, two) if a and a[0] == 1 and b[0] == 2 and a[1:] == b[1:]]
+    del sess
+    if not names:
+        return {}
+    src, n_out = extended(names)
+    outs = teacher_outputs(src, inputs)[n_out:]
+    total = sum(a.nbytes for a in outs)
+    if total > limit_bytes:
+        raise UserError(f"--recover-features: the dense model's features on the calibration inputs take "
+                        f"{total / 2**30:.1f} GiB (limit {limit_bytes / 2**30:.1f} GiB); use fewer inputs or no features")
+    return dict(zip(names, outs))
+
+
 def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: list[np.ndarray],
             cfg: RecoverConfig, labels: np.ndarray | None = None, allowed: set[str] | None = None,
-            tag: str = "") -> RecoverResult:
-    """Distil ``pruned`` toward ``teacher`` (the dense outputs on ``inputs``). Returns trained values."""
+            tag: str = "", features: dict[str, np.ndarray] | None = None) -> RecoverResult:
+    """Distil ``pruned`` toward ``teacher`` (the dense outputs on ``inputs``). Returns trained values.
+    ``features``: dense activations by tensor name; those the pruned model has at the same shape
+    (block boundaries the plan left whole) are matched too (MSE over their variance)."""
     from converters.onnx_to_torch import TorchGraph, UnsupportedOpError
 
     from . import distributed as dp
@@ -187,10 +254,15 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     for (kind, _), t in zip(kinds, teacher):
         if kind == "kl" and t.ndim != 2:
             raise RuntimeError("internal error: classifier output is not 2-D")
+    n_out = len(pruned.graph.output)
+    feats = _matching_features(pruned, inputs, features or {})
+    student = with_outputs(pruned, list(feats)) if feats else pruned
     try:
-        tg = TorchGraph(pruned, trainable=names, device=dp.local_device(cfg.device), share_weights=False)
+        tg = TorchGraph(student, trainable=names, device=dp.local_device(cfg.device), share_weights=False)
     except UnsupportedOpError as exc:
         raise UserError(f"{exc}; recovery needs the PyTorch executor (use --recover 0)") from None
+    teacher = list(teacher) + list(feats.values())
+    f_scales = [max(float(np.var(a, dtype=np.float64)), 1e-12) for a in feats.values()]
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=gen)
@@ -198,7 +270,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     hold, train = order[:n_hold], order[n_hold:]
     dev = torch.device(dp.local_device(cfg.device))
     world, main = dp.world_size(), dp.is_main()
-    scales = [max(float(np.var(a, dtype=np.float64)), 1e-12) for a in teacher]
+    scales = [max(float(np.var(a, dtype=np.float64)), 1e-12) for a in teacher[:n_out]]
 
     def tensors(idx):
         x = {k: torch.from_numpy(np.ascontiguousarray(v[idx.numpy()])).to(dev) for k, v in inputs.items()}
@@ -213,6 +285,14 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     ce_on = labels is not None and kinds[0][0] != "mse"
     T = float(cfg.temperature)
 
+    def objective(x, t, y) -> torch.Tensor:
+        outs = tg(**x)
+        loss = _distill_loss(kinds, outs[:n_out], t[:n_out], y, T, ce_on, scales)
+        if feats:
+            term = sum((o - f).pow(2).mean() / sc for o, f, sc in zip(outs[n_out:], t[n_out:], f_scales))
+            loss = loss + cfg.feature_weight * term / len(feats)
+        return loss
+
     def holdout_loss() -> float:
         """Mean held-out loss; under torchrun each rank takes a share and the sums are all-reduced."""
         if not n_hold:
@@ -222,7 +302,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         with torch.no_grad():
             for s in range(0, len(mine), 64):
                 x, t, y = tensors(mine[s:s + 64])
-                tot += float(_distill_loss(kinds, tg(**x), t, y, T, ce_on, scales)) * len(mine[s:s + 64])
+                tot += float(objective(x, t, y)) * len(mine[s:s + 64])
         dp.all_reduce_sum([tot], "cpu")
         return float(tot) / n_hold
 
@@ -242,7 +322,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         if len(mine):
             x, t, y = tensors(mine)
             # the batch mean, split over the ranks: each share weighted by its size, gradients summed
-            loss = _distill_loss(kinds, tg(**x), t, y, T, ce_on, scales) * (len(mine) / len(idx))
+            loss = objective(x, t, y) * (len(mine) / len(idx))
         if cfg.anchor and main:
             loss = loss + cfg.anchor * sum((p - s).pow(2).sum() for p, s in zip(params, start))
         if loss.requires_grad:
@@ -276,8 +356,25 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     if best_step > 0:
         for nm, p in zip(names, best):
             values[nm] = p.detach().cpu().numpy().astype(np.float32)
-    return RecoverResult(values, history, best_step, time.perf_counter() - t0, [k for k, _ in kinds],
-                         {"train": len(train), "holdout": n_hold}, world)
+    res = RecoverResult(values, history, best_step, time.perf_counter() - t0, [k for k, _ in kinds],
+                        {"train": len(train), "holdout": n_hold}, world)
+    res.features = list(feats)
+    return res
+
+
+def _matching_features(pruned: onnx.ModelProto, inputs, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The dense features the pruned model has under the same name at the same per-sample shape."""
+    if not features:
+        return {}
+    from .runtime import run, session
+
+    produced = {o for n in pruned.graph.node for o in n.output}
+    names = [n for n in features if n in produced]
+    if not names:
+        return {}
+    probe = run(session(with_outputs(pruned, names)), {k: v[:1] for k, v in inputs.items()})
+    shapes = dict(zip(names, (np.asarray(a).shape[1:] for a in probe[len(pruned.graph.output):])))
+    return {n: features[n] for n in names if shapes[n] == features[n].shape[1:]}
 
 
 def write_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:

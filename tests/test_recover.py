@@ -263,3 +263,30 @@ def test_two_process_recovery_under_torchrun_equals_one_process(tmp_path, unlabe
     for a, b in zip(one.graph.initializer, two.graph.initializer):
         x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(x).max())), err_msg=a.name)
+
+
+def test_feature_matching_uses_batch_major_float_block_boundaries():
+    """digits_encoder (TorchScript export of nn.TransformerEncoder: sequence-first (T, B, E) tensors
+    inside attention, shape tensors read twice): only float, batch-major activations read by several
+    nodes are matched, and they enter the held-out loss."""
+    from graphprune.recover import branch_tensors, teacher_features
+    from samples.digits_transformers import to_patches
+
+    dense = onnx.load(ROOT / "samples" / "digits_encoder.onnx")
+    with np.load(CALIB) as d:
+        x = np.asarray(to_patches(d["input"][:48]), np.float32)
+    candidates = branch_tensors(dense)
+    feats = teacher_features(dense, {"input": x}, candidates, 1 << 30)
+    assert feats and set(feats) < set(candidates)  # some candidates are sequence-first: dropped
+    assert all(a.shape[0] == 48 and a.dtype == np.float32 for a in feats.values())
+    student = onnx.ModelProto()
+    student.CopyFrom(dense)
+    w = next(i for i in student.graph.initializer if i.name == trainable_names(student)[0])
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 0.5, w.name))
+    teacher = teacher_outputs(dense, {"input": x})
+    plain = recover(student, {"input": x}, teacher, RecoverConfig(steps=1, lr=1e-9))
+    both = recover(student, {"input": x}, teacher, RecoverConfig(steps=1, lr=1e-9), features=feats)
+    assert plain.features == [] and both.features == list(feats)
+    assert both.history[0]["holdout_loss"] > plain.history[0]["holdout_loss"]  # the feature term counts
+    trained = recover(student, {"input": x}, teacher, RecoverConfig(steps=30, lr=1e-3), features=feats).summary()
+    assert trained["best_step"] > 0 and trained["holdout_loss_after"] < 0.5 * trained["holdout_loss_before"]

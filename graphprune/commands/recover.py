@@ -78,7 +78,14 @@ def run(args, common) -> int:
     structure = _structure(pruned)
     cfg = RecoverConfig(steps=steps, lr=args.recover_lr, batch_size=args.recover_batch, seed=args.seed,
                         device=args.device)
-    res = recover(pruned, data.inputs, teacher, cfg, data.labels)
+    features = {}
+    if args.recover_features:
+        from ..curvature.collect import available_bytes
+        from ..recover import branch_tensors, teacher_features
+
+        features = teacher_features(dense, data.inputs, branch_tensors(dense),
+                                    int(0.25 * (available_bytes() or 1 << 34)))
+    res = recover(pruned, data.inputs, teacher, cfg, data.labels, features=features)
     write_values(pruned, res.values)
     if _structure(pruned) != structure:
         raise RuntimeError("internal error: recovery changed the model's structure")
