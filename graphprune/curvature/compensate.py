@@ -37,7 +37,8 @@ def _obs_update(W: torch.Tensor, Hinv: torch.Tensor, J: torch.Tensor) -> torch.T
 
 
 def _woodfisher_update(st, W: torch.Tensor, J: np.ndarray, taylor: bool = False) -> torch.Tensor:
-    """Remove columns J (canonical, < L) of W (out, L) with every block's OBS update."""
+    """Remove columns J (canonical, < L) of W (out, L) with every block's OBS update; blocks holding
+    the same number of removed weights are solved together."""
     lay = st.blocks
     out = W.shape[0]
     finv = st.finv.view(out, lay.nb, lay.cb, lay.cb)
@@ -45,18 +46,29 @@ def _woodfisher_update(st, W: torch.Tensor, J: np.ndarray, taylor: bool = False)
     blk, pos = lay.locate()
     a = block_newton(st) if taylor else None
     v = W - a if taylor else W
+    ab = lay.gather(a) if taylor else None  # (out, nb, cb)
     Wn = W.clone()
+    by_size: dict[int, tuple[list[int], list[np.ndarray]]] = {}
     for b in np.unique(blk[J]).tolist():
-        Q = torch.as_tensor(pos[J][blk[J] == b])
-        real = valid[b]
-        cols = idx[b][real]
-        for sl in _slabs(out, lay.cb * lay.cb):
-            F = finv[sl, b].to(DTYPE)  # (rows, cb, cb)
-            x = torch.linalg.solve(F[:, Q][:, :, Q], v[sl][:, idx[b][Q]].unsqueeze(-1))
-            delta = -torch.bmm(F[:, :, Q], x).squeeze(-1)  # (rows, cb)
+        Q = pos[J][blk[J] == b]
+        bs, qs = by_size.setdefault(len(Q), ([], []))
+        bs.append(b)
+        qs.append(Q)
+    for s, (bs, qs) in by_size.items():
+        for part in _slabs(len(bs), out * lay.cb * lay.cb):
+            B = torch.as_tensor(bs[part])  # (G,)
+            Q = torch.as_tensor(np.stack(qs[part]))  # (G, s) slots
+            cols = idx[B[:, None], Q]  # (G, s) canonical columns
+            F = finv[:, B].to(DTYPE)  # (out, G, cb, cb)
+            H = torch.gather(torch.gather(F, 3, Q[None, :, None, :].expand(out, -1, lay.cb, -1)), 2,
+                             Q[None, :, :, None].expand(out, -1, -1, s))  # (out, G, s, s)
+            FQ = torch.gather(F, 3, Q[None, :, None, :].expand(out, -1, lay.cb, -1))  # (out, G, cb, s)
+            x = torch.linalg.solve(H, v[:, cols].unsqueeze(-1))  # (out, G, s, 1)
+            delta = -(FQ @ x).squeeze(-1)  # (out, G, cb)
             if taylor:
-                delta -= lay.gather(a[sl])[:, b]
-            Wn[sl, cols] += delta[:, real]
+                delta -= ab[:, B]
+            real = valid[B]  # (G, cb)
+            Wn[:, idx[B][real]] += delta[:, real]
     Wn[:, torch.as_tensor(J)] = 0.0
     return Wn
 
