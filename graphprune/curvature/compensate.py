@@ -97,6 +97,10 @@ def compensate(ctx, keep_fn, method: str = "obs", damping: float = 1e-3) -> dict
         J = torch.as_tensor(np.nonzero(~cols_keep)[0])
         idx = slice(None) if has_bias else slice(0, view.cols)  # without a bias there is no constant input
         if method in ("woodfisher", "woodtaylor"):
+            if st.finv is None or (method == "woodtaylor" and st.gsum is None):
+                from ..errors import UserError
+
+                raise UserError(f"--compensate {method} needs the statistics of --criterion {method}")
             L = st.blocks.length  # cols, plus the bias column when the layer has one
             if len(J):
                 W[:, :L] = _woodfisher_update(st, W[:, :L], J.numpy(), taylor=method == "woodtaylor")
