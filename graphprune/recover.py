@@ -51,6 +51,7 @@ class RecoverConfig:
     anchor: float = 0.0  # L2 penalty on the change from the starting (compensated) weights
     feature_weight: float = 1.0  # weight of the intermediate-feature term (when features are given)
     weight_decay: float = 0.0
+    warmup: float = 0.1  # fraction of the steps with a linearly rising learning rate
     eval_every: int = 0  # 0: about 20 evaluations over the run
     seed: int = 0
     device: str = "cpu"
@@ -281,7 +282,14 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     params = [tg.param(nm) for nm in names]
     start = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def lr_factor(s: int) -> float:  # linear warm-up (Adam's first steps are the largest), then cosine
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(s - warm, cfg.steps - warm) / max(cfg.steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ce_on = labels is not None and kinds[0][0] != "mse"
     T = float(cfg.temperature)
 

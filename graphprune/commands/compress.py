@@ -157,6 +157,10 @@ def _print_table(reports: list[dict], human) -> None:
         if "accuracy" in rep:
             a = rep["accuracy"]
             rows.append(("accuracy", f"{a['before']:.2%}", f"{a['after']:.2%}", f"{a['after'] - a['before']:+.2%}"))
+            if "before_recovery" in a:
+                rec = rep["recovery"]
+                rows.append(("  before recovery", "", f"{a['before_recovery']:.2%}",
+                             f"{rec['steps_per_round']} recovery steps per round (--recover 0: one-shot)"))
         if rep.get("bench"):
             rows.append(("provider", rep["bench"]["providers"][0], "", ""))
         print(f"  {'':22s} {'dense':>12s} {'pruned':>12s}  change")
