@@ -15,7 +15,8 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .rules import RewriteContext
-from .tracer import Trace, _weightless
+from .export import export_graph  # noqa: F401  (re-exported: callers import it from here)
+from .tracer import Trace
 
 # an edit of one constant use: ((axis, mask bytes), ...) with op "slice" or "zero"
 EditSpec = tuple
@@ -75,43 +76,6 @@ def member_edits(trace: Trace, keep_fn, roles=None) -> dict[tuple[str, int], Edi
     return {k: tuple((ax, mk.tobytes(), len(mk))
                      for ax, mk in sorted(v.items(), reverse=True))
             for k, v in edits.items()}
-
-
-def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """``graph`` as a ModelProto with ``like``'s IR version, opsets and metadata.
-
-    The weights are put into the proto one tensor at a time after export (gs.export_onnx would hold
-    every initializer twice at once: its own TensorProtos and their copies in the graph)."""
-    from onnx_graphsurgeon.ir.tensor import LazyValues
-
-    from .io import _SKELETON_LOCATION
-    from .validate import _all_tensors
-
-    graph.cleanup().toposort()
-    stubbed = _weightless(graph)
-    try:
-        model = gs.export_onnx(graph, do_type_check=False)
-    finally:
-        for t, values in stubbed:
-            t._values = values
-    weights = {t.name: values for t, values in stubbed}
-    for tensor in _all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL or not any(
-                e.key == "location" and e.value == _SKELETON_LOCATION for e in tensor.external_data):
-            continue
-        values = weights.pop(tensor.name)  # KeyError: a stub that is not ours (a bug)
-        name = tensor.name
-        tensor.CopyFrom(values.tensor if isinstance(values, LazyValues)
-                        else numpy_helper.from_array(np.asarray(values), name))
-        tensor.name = name
-    model.ir_version = like.ir_version
-    del model.opset_import[:]
-    model.opset_import.extend(like.opset_import)
-    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(model, field, getattr(like, field))
-    del model.metadata_props[:]
-    model.metadata_props.extend(like.metadata_props)
-    return model
 
 
 def apply_plan(trace: Trace, removed_roots, like: onnx.ModelProto) -> onnx.ModelProto:

@@ -37,7 +37,7 @@ class GraphModel:
         import onnx_graphsurgeon as gs
 
         from .io import WEIGHT_MIN_BYTES
-        from .rewriter import export_graph
+        from .export import export_graph
 
         min_bytes = WEIGHT_MIN_BYTES if min_bytes is None else min_bytes
         g = graph.copy()  # new tensor objects, the same arrays

@@ -8,6 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import log
+from .export import weightless
 from .io import infer, opset_of
 from .rules import REGISTRY, SOURCE_OPS, Member, Source, TraceState
 from .shapes import text as shapes_text
@@ -100,7 +101,7 @@ def to_graph(model: onnx.ModelProto, *, fold: bool = True, base=None) -> gs.Grap
             graph.fold_constants(error_ok=True, flatten_subgraphs=False).cleanup()
             # re-import for the shapes of tensors whose shape was computed; the weights do not make
             # the round trip (stubs in the exported copy, the same values put back after import)
-            swapped = _weightless(graph)
+            swapped = weightless(graph)
             weights = {t.name: values for t, values in swapped}
             folded = gs.export_onnx(graph, do_type_check=False)
             folded.ir_version = model.ir_version
@@ -219,33 +220,6 @@ def _implicit_inputs(node) -> set[str]:
     return names
 
 
-def _weightless(g: gs.Graph) -> list:
-    """Give the weights of ``g`` (constants of WEIGHT_MIN_BYTES or more) weight-free values (an
-    external-data stub with the same shape and type) so that exporting ``g`` copies no weights and
-    the result can be serialized (also over 2 GB) for shape inference. Returns [(constant, values)]
-    so the caller can put them back."""
-    from onnx_graphsurgeon.ir.tensor import LazyValues
-
-    from .io import WEIGHT_MIN_BYTES, _SKELETON_LOCATION
-
-    swapped = []
-    for t in g.tensors().values():
-        if not isinstance(t, gs.Constant) or int(getattr(t._values, "nbytes", 0)) < WEIGHT_MIN_BYTES:
-            continue
-        try:
-            dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
-            if getattr(t, "export_dtype", t.dtype) != t.dtype:  # e.g. bfloat16 held as float32: gs converts
-                continue
-        except Exception:  # types numpy does not know: keep the values
-            continue
-        stub = onnx.TensorProto(name=t.name, dims=list(t.shape), data_location=onnx.TensorProto.EXTERNAL,
-                                data_type=dtype)
-        stub.external_data.add(key="location", value=_SKELETON_LOCATION)
-        swapped.append((t, t._values))
-        t._values = LazyValues(stub)
-    return swapped
-
-
 def _default_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Set the default domain's opset; imports of other domains (com.microsoft, custom) stay, so
     shape inference and onnxruntime still accept their nodes."""
@@ -263,7 +237,7 @@ def _static_shapes(graph: gs.Graph, opset: int, input_shapes: dict) -> dict[str,
     for t in g.inputs:
         if t.name in input_shapes:
             t.shape = [int(d) for d in input_shapes[t.name]]
-    heavy = _weightless(g)  # infer on a copy without the weights
+    heavy = weightless(g)  # infer on a copy without the weights
     try:
         model = _default_opset(gs.export_onnx(g, do_type_check=False), opset)
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)

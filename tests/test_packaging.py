@@ -189,3 +189,18 @@ def test_wheel_contains_all_modules_and_compress_runs_installed(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert (work / "out.onnx").is_file()
+
+
+def test_no_import_circle_between_tracer_runtime_and_rewriter():
+    """tracer -> runtime -> export, rewriter -> tracer/runtime/export: the graph-handling modules import
+    each other (at module level or inside functions) without a cycle."""
+    import re
+
+    core = ("tracer", "runtime", "rewriter", "export", "io", "validate")
+    edges = {m: set(re.findall(r"from \.(\w+) import", (REPO / "graphprune" / f"{m}.py").read_text())) & set(core)
+             for m in core}
+
+    def reaches(a: str, b: str, seen=()) -> bool:
+        return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in edges[a])
+
+    assert not [m for m in core if reaches(m, m)], edges
