@@ -309,3 +309,27 @@ def test_cli_prune_with_block_size_verifies(criterion, tmp_path):
     assert report["block_size"] == 64 and report["compensation"] == "woodfisher"
     assert report["verification"]["ok"] and report["totals"]["macs_ratio"] <= 0.6 + 1e-9
     assert main(["verify", "samples/digits_resnet.onnx", str(out), "--report", str(rep)]) == 0
+
+
+@pytest.mark.parametrize("block", [5, 12])
+def test_block_inverses_are_exact(block, monkeypatch):
+    """Every block's Woodbury inverse (updates split to at most max(8, c) samples) equals the dense
+    inverse of λI + (1/m) Σ g_b g_bᵀ from the same per-sample gradients."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    queue = C._Accumulator._queue
+
+    def spy(self, st, gs, last):
+        seen.setdefault(id(st), []).append(gs.double().clone())
+        return queue(self, st, gs, last)
+
+    monkeypatch.setattr(C._Accumulator, "_queue", spy)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((40, 3, 6, 5)).astype(np.float32)
+    _, ctx = stats(convnet(), x, rng.integers(0, 5, 40), "labels", {"woodfisher"}, block, batch_size=20)
+    for st in ctx.stats.layers.values():
+        G = torch.cat(seen[id(st)])  # (m, out, L)
+        lay = st.blocks
+        Gb = lay.gather(G.reshape(-1, G.shape[2])).reshape(G.shape[0], -1, lay.cb)
+        F = torch.einsum("nbi,nbj->bij", Gb, Gb) / G.shape[0] + st.lam * torch.eye(lay.cb, dtype=torch.float64)
+        ref = torch.linalg.inv(F)
+        assert float((st.finv - ref).abs().max()) < 1e-8 * float(ref.abs().max())

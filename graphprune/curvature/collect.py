@@ -229,6 +229,11 @@ class _Accumulator:
         lay = st.blocks
         dt = WOODFISHER_DTYPE
         k, out = gs.shape[0], gs.shape[1]
+        if k > max(8, lay.cb):  # a k×k system larger than the block costs more than it saves
+            step = max(8, lay.cb)
+            for s in range(0, k, step):
+                self._woodbury(st, gs[s:s + step], slab)
+            return
         G = lay.gather(gs.reshape(k * out, -1)).reshape(k, out * lay.nb, lay.cb).transpose(0, 1)  # (B, k, cb)
         if st.finv is None:
             st.lam = max(self.damping * float(gs.double().pow(2).mean()), 1e-12)
