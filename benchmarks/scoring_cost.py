@@ -267,6 +267,14 @@ def _best(e: dict, what: str = "wall"):
     return min((e[k] for k in keys if e.get(k)), default=None)
 
 
+def _same_run(res: dict, e: dict) -> dict:
+    """The executor measurement of the same run as ``e`` (ratios never mix runs made hours apart)."""
+    for key in ("executor", "executor@earlier"):
+        if key in res and res[key].get("run") == e.get("run"):
+            return res[key]
+    return res.get("executor", {})
+
+
 def _r(x):
     return "" if x is None else round(x, 1)
 
@@ -309,13 +317,15 @@ def markdown(data: dict) -> str:
         for kind, e in res.items():
             if not kind.startswith("stats:"):
                 continue
+            a = _same_run(res, e)
             if "error" in e:
                 lines.append(f"| {kind[6:]} | | | refused / failed: {e['error'][:160]} | | | | | | "
                              f"{e.get('peak_rss_mb')} | | |")
                 continue
             lines.append(f"| {kind[6:]} | {e.get('loss')} | {'+'.join(e.get('needs', []))} | {_r(e.get('statistics_s'))} | "
                          f"{_r(e.get('statistics_cpu_s'))} | {_ratio(e.get('statistics_s'), a.get('seconds'))} | "
-                         f"{_ratio(e.get('statistics_cpu_s'), a.get('cpu_s'))} | {_r(e.get('score_s'))} | "
+                         f"{_ratio(e.get('statistics_cpu_s'), a.get('cpu_s') or res.get('executor', {}).get('cpu_s'))} | "
+                         f"{_r(e.get('score_s'))} | "
                          f"{_r(e.get('compensate_s'))} | {e.get('peak_rss_mb')} | {e.get('base_rss_mb')} | "
                          f"{e.get('load_before')}-{e.get('load_after')} |")
         lines.append("")
@@ -328,7 +338,7 @@ def markdown(data: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--criteria", default=",".join(CRITERIA))
+    ap.add_argument("--criteria", default=",".join(CRITERIA), help="comma-separated, or none (only (a) and (b))")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scoring_cost"))
@@ -369,8 +379,9 @@ def main(argv=None) -> None:
             if old.get("samples") == args.samples:  # add to an earlier run's figures at the same size
                 res.update(old)
             kinds = [] if args.skip_base else ["executor", "native"]
-            for kind in kinds + [f"stats:{c}" for c in args.criteria.split(",")] + (
-                    ["stats:fisher-nocomp", "stats:fisher-obsA"] if "fisher" in args.criteria.split(",") else []):
+            crits = [c for c in args.criteria.split(",") if c and c != "none"]
+            for kind in kinds + [f"stats:{c}" for c in crits] + (
+                    ["stats:fisher-nocomp", "stats:fisher-obsA"] if "fisher" in crits else []):
                 res[kind] = run_one(kind, name, onnx_path, calib, args)
             data["models"][name] = res
             data["env"]["load_end"] = round(os.getloadavg()[0], 2)
