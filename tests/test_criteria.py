@@ -228,7 +228,7 @@ def test_compensation_lowers_output_error(method, tmp_path):
     for comp in (False, method):
         out = tmp_path / f"o_{comp}.onnx"
         rep = prune(src, out, PruneConfig(criterion="fisher", budget=Budget("channels", 0.5), calib=str(tmp_path / "calib.npz"),
-                                          samples=256, loss="gauss-newton", compensate=comp))
+                                          samples=256, loss="gauss-newton", compensate=comp, recover=0))
         assert rep["verification"]["ok"]
         errors[comp] = float(np.mean((run(onnx.load(str(out)), {"x": x})[0] - dense) ** 2))
     assert errors[method] < errors[False], errors
@@ -267,7 +267,7 @@ def test_compensation_of_layers_without_bias(criterion, tmp_path):
 
     rep = prune("samples/digits_densenet.onnx", tmp_path / "o.onnx",
                 PruneConfig(criterion=criterion, budget=Budget("flops", 0.5), calib="samples/digits_calib.npz",
-                            samples=64, eval_data="samples/digits_test.npz"))
+                            samples=64, eval_data="samples/digits_test.npz", recover=0))
     assert rep["verification"]["ok"] and rep["compensation"]
     assert rep["accuracy"]["after"] > 0.3
 
@@ -366,7 +366,7 @@ def test_eigendamage_channel_is_a_channel_criterion(tmp_path):
 
     rep = prune("samples/digits_resnet.onnx", tmp_path / "o.onnx",
                 PruneConfig(criterion="eigendamage-channel", budget=Budget("flops", 0.5),
-                            calib="samples/digits_calib.npz", eval_data="samples/digits_test.npz"))
+                            calib="samples/digits_calib.npz", eval_data="samples/digits_test.npz", recover=0))
     assert rep["verification"]["ok"] and rep["compensation"] == "obs"
     assert rep["accuracy"]["after"] > 0.8
 
