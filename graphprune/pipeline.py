@@ -189,10 +189,12 @@ def evaluate(model: onnx.ModelProto | GraphModel, data_path: str | os.PathLike) 
 
 def _needs(criterion, compensate: str | None) -> set[str]:
     needs = set(criterion.needs) - {"weights"}
-    if compensate == "woodfisher":
-        needs.add("woodfisher")
+    if compensate in ("woodfisher", "woodtaylor"):
+        needs.add(compensate)  # their own block inverses (woodtaylor: with the mean gradient)
+    elif compensate == "kron-obs":
+        needs.add("kfac")  # the producer-row update reads S
     elif compensate:
-        needs.add("kfac")
+        needs.add("kfac_a")  # layer-wise OBS reads the input factors only
     return needs
 
 
@@ -207,7 +209,7 @@ def _compensation_method(criterion, config: "PruneConfig") -> str | None:
     on = config.compensate if config.compensate is not None else criterion.curvature
     if not on:
         return None
-    return {"kron-obs": "kron-obs", "woodfisher": "woodfisher"}.get(criterion.name, "obs")
+    return {"kron-obs": "kron-obs", "woodfisher": "woodfisher", "woodtaylor": "woodtaylor"}.get(criterion.name, "obs")
 
 
 def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, config: "PruneConfig",

@@ -79,3 +79,19 @@ def test_patches_without_im2col_copies_are_the_same():
                       conv={"kernel": k, "pads": pads, "strides": s, "dilations": d})
         x = torch.randn(3, cin, *((9, 11) if len(k) == 2 else (13,)), generator=gen)
         assert torch.equal(v.patches(x), reference(v, x)), (k, pads, s, d, g)
+
+
+def test_the_pipeline_asks_only_for_what_the_compensation_reads():
+    """fisher/taylor + default OBS: input factors only (no S); kron-obs: S too; woodfisher/woodtaylor
+    compensation: their own block inverses, no K-FAC factors."""
+    from graphprune.criteria import make_criterion
+    from graphprune.pipeline import _compensation_method, _needs, PruneConfig
+
+    cfg = PruneConfig()
+    assert _needs(make_criterion("fisher"), _compensation_method(make_criterion("fisher"), cfg)) == {"fisher_diag", "kfac_a"}
+    assert _needs(make_criterion("taylor"), "obs") == {"grads", "kfac_a"}
+    assert "kfac" in _needs(make_criterion("taylor"), "kron-obs")
+    for name in ("woodfisher", "woodtaylor"):
+        crit = make_criterion(name)
+        method = _compensation_method(crit, cfg)
+        assert method == name and not _needs(crit, method) & {"kfac", "kfac_a"}

@@ -268,9 +268,9 @@ def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8,
     for v in views.values():
         c = v.cols + 1
         out["executor"] += (1 if weights_shared else 2) * 4 * v.out * c
-        if "kfac" in needs:
+        if needs & {"kfac", "kfac_a"}:
             per_group = v.groups if v.groups > 1 and v.cols > v.taps else 0  # Ag of grouped convs
-            out["kfac"] += 4 * (c * c * (1 + per_group) + v.out * v.out)
+            out["kfac"] += 4 * (c * c * (1 + per_group) + (v.out * v.out if "kfac" in needs else 0))
         if "fisher_diag" in needs:
             out["fisher_diag"] += 4 * v.out * c
         if wood:
