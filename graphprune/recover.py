@@ -8,8 +8,9 @@ written file computes).
 
 Loss per graph output (METHODS §10):
   * ``kl``   classifier logits (N, C): KL(p_dense ‖ p_pruned) at temperature τ, scaled by τ²;
-  * ``kl-probs`` / ``kl-logprobs``: the output of a Softmax / LogSoftmax node: the same KL per
-    position along the node's axis, averaged over the positions;
+  * ``kl-probs`` / ``kl-logprobs``: the output of a Softmax / LogSoftmax node (also through
+    shape-only ops): the same KL per position along the class axis, averaged over the positions;
+  * ``kl-bernoulli``: the output of a Sigmoid: the KL of the two Bernoullis per score;
   * ``mse``  anything else: mean squared error divided by the dense output's variance (scale-free);
 plus cross-entropy on output 0 when the calibration file has labels and output 0 is a classifier.
 
@@ -83,31 +84,29 @@ def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def output_kinds(model: onnx.ModelProto) -> list[tuple[str, int | None]]:
-    """(kind, axis) per graph output: see the module docstring."""
-    prod = _producer_map(model.graph)
+    """(kind, class axis) per graph output: the output-kind detection the curvature losses use
+    (graphprune/curvature/outputs.py: Softmax/LogSoftmax through shape-only ops, Sigmoid), mapped to
+    the distillation losses of the module docstring."""
+    from .curvature.outputs import detect
+    from .tracer import to_graph
+
+    try:  # the detection maps class axes through shape-only ops: it needs the intermediate ranks
+        graph = to_graph(onnx.shape_inference.infer_shapes(model))
+    except Exception:
+        graph = to_graph(model)
+    opset = next((x.version for x in model.opset_import if x.domain in ("", "ai.onnx")), 13)
     out = []
-    for i, o in enumerate(model.graph.output):
-        node, name = prod.get(o.name), o.name
-        while node is not None and node.op_type in ("Identity",):
-            node = prod.get(node.input[0])
-        kind, axis = None, None
-        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            opset = next((x.version for x in model.opset_import if x.domain in ("", "ai.onnx")), 13)
-            axis = int(attrs.get("axis", -1 if opset >= 13 else 1))
-            kind = "kl-probs" if node.op_type == "Softmax" else "kl-logprobs"
-            dims = o.type.tensor_type.shape.dim
-            rank = len(dims)
-            if opset < 13 and rank and (axis % rank) != rank - 1:
-                kind, axis = "mse", None  # "flatten from axis" semantics over several dims: stay generic
-        else:
-            dims = o.type.tensor_type.shape.dim
-            if len(dims) == 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value == 1):
-                kind, axis = "kl", 1
-            else:
-                kind = "mse"
-        out.append((kind, axis))
-        del name
+    for t, o in zip(graph.outputs, model.graph.output):
+        k = detect(graph, None, t, opset)
+        dims = o.type.tensor_type.shape.dim
+        if k is not None and k.kind == "categorical" and len(k.axes) == 1:
+            out.append(("kl-probs" if k.source == "probs" else "kl-logprobs", k.axes[0]))
+        elif k is not None and k.kind == "bernoulli":
+            out.append(("kl-bernoulli", None))
+        elif k is None and len(dims) == 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value == 1):
+            out.append(("kl", 1))
+        else:  # real-valued, or normalised over several axes at once
+            out.append(("mse", None))
     return out
 
 
@@ -139,6 +138,9 @@ def _distill_loss(kinds, outs, teach, labels, T: float, ce_on: bool, scales) -> 
                 lp, lq = o, t
             kl = (lq.exp() * (lq - lp)).sum(axis)
             total = total + kl.mean()
+        elif kind == "kl-bernoulli":  # a Sigmoid score per position: KL of the two Bernoullis
+            q, p = t.clamp(1e-6, 1 - 1e-6), o.clamp(1e-6, 1 - 1e-6)
+            total = total + (q * (q.log() - p.log()) + (1 - q) * ((1 - q).log() - (1 - p).log())).mean()
         else:
             total = total + (o - t).pow(2).mean() / scale
     if ce_on and labels is not None:
