@@ -339,6 +339,8 @@ def _cmd_verify(args) -> int:
     sizes = "; ".join(shapes_text(size) for size in res.get("sizes", []))
     print(f"OK: pruned model equals the masked original (max abs error {res['max_abs_error']:.2e}, "
           f"max rel error {res['max_rel_error']:.2e}{', at ' + sizes if sizes else ''})")
+    if res.get("note"):
+        print(f"note: {res['note']}")
     return 0
 
 

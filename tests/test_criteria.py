@@ -281,7 +281,7 @@ def test_tampered_compensated_model_fails_verify(tmp_path):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     subprocess.run([sys.executable, "-m", "graphprune.cli", "-q", "prune", "samples/digits_resnet.onnx", "-o", str(out),
                     "--keep-flops", "0.6", "--criterion", "fisher", "--calib", "samples/digits_calib.npz",
-                    "--report", str(rep)], check=True)
+                    "--report", str(rep), "--recover", "0"], check=True)
     report = json.loads(rep.read_text())
     g = next(g for g in report["groups"] if g["removed"])
     g["removed"][0] = next(i for i in range(g["size"]) if i not in g["removed"])  # claim another channel

@@ -74,6 +74,12 @@ def test_recovered_weights_are_written_back_and_verify_accepts_the_report(pruned
     report = tmp_path / "r.json"
     report.write_text(json.dumps(rep, default=str))
     assert verify(SAMPLE, path, json.loads(report.read_text()))["ok"]
+    assert "not which channels" in verify(SAMPLE, path, json.loads(report.read_text()))["note"]
+    # claiming one more removed channel than the file has is refused (the structure no longer fits)
+    wrong = json.loads(report.read_text())
+    g = next(g for g in wrong["groups"] if g["removed"] and g["kept"] > 1)
+    g["removed"].append(next(i for i in range(g["size"]) if i not in g["removed"]))
+    assert not verify(SAMPLE, path, wrong)["ok"]
     # a report that hides the recovered tensors is refused: they are not the original's slices
     tampered = json.loads(report.read_text())
     tampered["compensated_tensors"] = []
