@@ -302,7 +302,9 @@ def test_ctrl_c_leaves_no_files(tmp_path):
                          env={**os.environ, "GRAPHPRUNE_QUIET": "0"})
     first = p.stderr.readline()  # "graphprune: traced ..." once loading is done: now it is in the pipeline
     assert "traced" in first, first
-    time.sleep(0.3)
+    # at once: on a loaded machine a sleep here could outlast the child's whole pipeline (it finished,
+    # exit 0, before the signal was sent)
+    assert p.poll() is None, "the pipeline finished before it could be interrupted"
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
     p.wait(timeout=120)
