@@ -299,7 +299,10 @@ def test_ctrl_c_leaves_no_files(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "graphprune.cli", "prune", str(src / "m.onnx"), "-o",
                           str(out / "p.onnx"), "--keep-channels", "0.5", "--force", "--external-data"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, "GRAPHPRUNE_QUIET": "0"})
+                         env={**os.environ, "GRAPHPRUNE_QUIET": "0"},
+                         # a suite started in the background (`cmd &` in a script) runs with SIGINT ignored,
+                         # which the child would inherit (Python then installs no KeyboardInterrupt handler)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = p.stderr.readline()  # "graphprune: traced ..." once loading is done: now it is in the pipeline
     assert "traced" in first, first
     # at once: on a loaded machine a sleep here could outlast the child's whole pipeline (it finished,
