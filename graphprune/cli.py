@@ -92,22 +92,12 @@ def _recover_steps(text: str) -> int:
     return n
 
 
-def _positive(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (x > 0 and x < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return x
-
-
 def add_recover_options(p: argparse.ArgumentParser, steps_flag: str = "--recover") -> None:
     rc = p.add_argument_group("recovery: distillation from the dense model on the --calib inputs")
     rc.add_argument(steps_flag, dest="recover", type=_recover_steps, default=None, metavar="STEPS",
                     help="training steps per pruning round (0 = off; default: 100 when --calib is given, "
                          "except for eigendamage)")
-    rc.add_argument("--recover-lr", type=_positive, default=1e-3, metavar="LR",
+    rc.add_argument("--recover-lr", type=_tolerance, default=1e-3, metavar="LR",
                     help="AdamW learning rate, cosine schedule (default 1e-3)")
     rc.add_argument("--recover-batch", type=int, default=32, metavar="B", help="mini-batch size (default 32)")
     rc.add_argument("--recover-features", action="store_true",

@@ -423,21 +423,17 @@ class _Recovery:
     names of the original's initializers (only those may be trained: verification scatters them back)."""
 
     def __init__(self, model, tr: Trace, config: "PruneConfig", steps: int, timings: dict):
+        from .curvature.collect import available_bytes
         from .curvature.data import load_calib
-        from .recover import RecoverConfig, teacher_outputs
+        from .recover import RecoverConfig, branch_tensors, teacher_targets
 
         t = time.perf_counter()
         data = load_calib(model, config.calib, 1 << 62, config.seed, shapes=tr.input_shapes)
         self.inputs, self.labels = data.inputs, data.labels
-        self.teacher = teacher_outputs(GraphModel(tr.graph, model), self.inputs)
-        self.features = {}
-        if config.recover_features:
-            from .curvature.collect import available_bytes
-            from .recover import branch_tensors, teacher_features
-
-            dense = GraphModel(tr.graph, model)
-            self.features = teacher_features(dense, self.inputs, branch_tensors(dense.model),
-                                             int(0.25 * (available_bytes() or 1 << 34)))
+        dense = GraphModel(tr.graph, model)
+        names = branch_tensors(dense.model) if config.recover_features else []
+        self.teacher, self.features = teacher_targets(dense, self.inputs, names,
+                                                      int(0.25 * (available_bytes() or 1 << 34)))
         self.allowed = {name for name, t in tr.graph.tensors().items() if hasattr(t, "values")}
         self.cfg = RecoverConfig(steps=steps, lr=config.recover_lr, batch_size=config.recover_batch,
                                  seed=config.seed, device=config.device)

@@ -194,18 +194,14 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return m
 
 
-def teacher_features(dense, inputs: dict[str, np.ndarray], names: list[str],
-                     limit_bytes: int) -> dict[str, np.ndarray]:
-    """The dense model's activations ``names`` on every calibration input (onnxruntime; ``dense``: a
-    ModelProto or a GraphModel)."""
+def teacher_targets(dense, inputs: dict[str, np.ndarray], names: list[str] = (),
+                    limit_bytes: int = 1 << 62) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """The dense model's outputs and its activations ``names`` (the batch-major ones: a
+    sequence-first (T, B, E) tensor is not sliced per sample) on every calibration input, in one
+    onnxruntime pass (``dense``: a ModelProto or a GraphModel)."""
     import copy
 
-    from .runtime import GraphModel
-
-    from .runtime import run, session
-
-    if not names:
-        return {}
+    from .runtime import GraphModel, run, session
 
     def extended(keep):
         if isinstance(dense, GraphModel):
@@ -214,22 +210,23 @@ def teacher_features(dense, inputs: dict[str, np.ndarray], names: list[str],
             return src, len(dense.model.graph.output)
         return with_outputs(dense, keep), len(dense.graph.output)
 
-    # batch-major activations only (a sequence-first (T, B, E) tensor is not sliced per sample)
-    src, n_out = extended(names)
-    sess = session(src)
-    one, two = ([np.asarray(a).shape for a in run(sess, {k: v[:1].repeat(b, 0) for k, v in inputs.items()})[n_out:]]
-                for b in (1, 2))
-    names = [n for n, a, b in zip(names, one, two) if a and a[0] == 1 and b[0] == 2 and a[1:] == b[1:]]
-    del sess
+    names = list(names)
+    if names:
+        src, n_out = extended(names)
+        sess = session(src)
+        one, two = ([np.asarray(a).shape for a in run(sess, {k: v[:1].repeat(b, 0) for k, v in inputs.items()})[n_out:]]
+                    for b in (1, 2))
+        names = [n for n, a, b in zip(names, one, two) if a and a[0] == 1 and b[0] == 2 and a[1:] == b[1:]]
+        del sess
     if not names:
-        return {}
+        return teacher_outputs(dense, inputs), {}
     src, n_out = extended(names)
-    outs = teacher_outputs(src, inputs)[n_out:]
-    total = sum(a.nbytes for a in outs)
+    outs = teacher_outputs(src, inputs)
+    total = sum(a.nbytes for a in outs[n_out:])
     if total > limit_bytes:
         raise UserError(f"--recover-features: the dense model's features on the calibration inputs take "
                         f"{total / 2**30:.1f} GiB (limit {limit_bytes / 2**30:.1f} GiB); use fewer inputs or no features")
-    return dict(zip(names, outs))
+    return outs[:n_out], dict(zip(names, outs[n_out:]))
 
 
 def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: list[np.ndarray],
@@ -308,12 +305,12 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         if not n_hold:
             return float("nan")
         mine = hold[dp.shard(n_hold)]
-        tot = torch.zeros((), dtype=torch.float64)
+        tot = torch.zeros((), dtype=torch.float64, device=dev)
         with torch.no_grad():
             for s in range(0, len(mine), 64):
                 x, t, y = tensors(mine[s:s + 64])
                 tot += float(objective(x, t, y)) * len(mine[s:s + 64])
-        dp.all_reduce_sum([tot], "cpu")
+        dp.all_reduce_sum([tot], cfg.device)  # the backend of the first call serves the whole run
         return float(tot) / n_hold
 
     every = cfg.eval_every or max(1, cfg.steps // 20)

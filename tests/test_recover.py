@@ -157,6 +157,15 @@ def plain_holdout_index(n: int, cfg: RecoverConfig) -> np.ndarray:
     return order[:int(round(n * cfg.holdout))].numpy()
 
 
+def _zeroed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a one-weight model with W = 0: the student recovery must train back."""
+    student = onnx.ModelProto()
+    student.CopyFrom(model)
+    w = student.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(np.zeros(tuple(w.dims), np.float32), w.name))
+    return student
+
+
 def _softmax_model(axis_op: str, opset: int = 17) -> onnx.ModelProto:
     """x (N, T, 4) -> MatMul W (4, 5) -> Softmax/LogSoftmax over the 5 classes: a per-position head."""
     rng = np.random.default_rng(0)
@@ -175,10 +184,7 @@ def test_per_position_outputs_are_distilled_with_kl_along_the_softmax_axis(op, k
     rng = np.random.default_rng(1)
     x = rng.standard_normal((64, 3, 4)).astype(np.float32)
     teacher = teacher_outputs(model, {"x": x})
-    student = onnx.ModelProto()
-    student.CopyFrom(model)
-    student.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((4, 5), np.float32), "W"))
-    res = recover(student, {"x": x}, teacher, RecoverConfig(steps=150, lr=0.05))
+    res = recover(_zeroed(model), {"x": x}, teacher, RecoverConfig(steps=150, lr=0.05))
     assert res.losses == [kind]
     assert res.history[-1]["holdout_loss"] < 0.05 * res.history[0]["holdout_loss"]
 
@@ -196,10 +202,7 @@ def test_output_kinds_follow_the_curvature_detection():
     assert output_kinds(model) == [("kl-probs", 1), ("kl-bernoulli", None)]
     x = rng.standard_normal((64, 3, 4)).astype(np.float32)
     teacher = teacher_outputs(model, {"x": x})
-    student = onnx.ModelProto()
-    student.CopyFrom(model)
-    student.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((4, 5), np.float32), "W"))
-    res = recover(student, {"x": x}, teacher, RecoverConfig(steps=150, lr=0.05))
+    res = recover(_zeroed(model), {"x": x}, teacher, RecoverConfig(steps=150, lr=0.05))
     assert res.history[-1]["holdout_loss"] < 0.05 * res.history[0]["holdout_loss"]
 
 
@@ -295,14 +298,14 @@ def test_feature_matching_uses_batch_major_float_block_boundaries():
     """digits_encoder (TorchScript export of nn.TransformerEncoder: sequence-first (T, B, E) tensors
     inside attention, shape tensors read twice): only float, batch-major activations read by several
     nodes are matched, and they enter the held-out loss."""
-    from graphprune.recover import branch_tensors, teacher_features
+    from graphprune.recover import branch_tensors, teacher_targets
     from samples.digits_transformers import to_patches
 
     dense = onnx.load(ROOT / "samples" / "digits_encoder.onnx")
     with np.load(CALIB) as d:
         x = np.asarray(to_patches(d["input"][:48]), np.float32)
     candidates = branch_tensors(dense)
-    feats = teacher_features(dense, {"input": x}, candidates, 1 << 30)
+    outputs, feats = teacher_targets(dense, {"input": x}, candidates, 1 << 30)
     assert feats and set(feats) < set(candidates)  # some candidates are sequence-first: dropped
     assert all(a.shape[0] == 48 and a.dtype == np.float32 for a in feats.values())
     student = onnx.ModelProto()
@@ -310,6 +313,7 @@ def test_feature_matching_uses_batch_major_float_block_boundaries():
     w = next(i for i in student.graph.initializer if i.name == trainable_names(student)[0])
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 0.5, w.name))
     teacher = teacher_outputs(dense, {"input": x})
+    np.testing.assert_array_equal(outputs[0], teacher[0])  # the same pass gave the outputs
     plain = recover(student, {"input": x}, teacher, RecoverConfig(steps=1, lr=1e-9))
     both = recover(student, {"input": x}, teacher, RecoverConfig(steps=1, lr=1e-9), features=feats)
     assert plain.features == [] and both.features == list(feats)

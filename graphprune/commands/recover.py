@@ -48,7 +48,7 @@ def run(args, common) -> int:
     from ..curvature.data import load_calib
     from ..io import check_output, load_model, save_model, write_json_atomic
     from ..pipeline import evaluate, signature
-    from ..recover import RecoverConfig, recover, teacher_outputs, write_values
+    from ..recover import RecoverConfig, recover, teacher_targets, write_values
     from ..shapes import resolve as resolve_shapes
 
     steps = 100 if args.recover is None else args.recover
@@ -74,17 +74,16 @@ def run(args, common) -> int:
     shapes = resolve_shapes(dense, args.input_shape or None, args.calib)
     data = load_calib(dense, args.calib, 1 << 62, args.seed, shapes=shapes)
     before = evaluate(pruned, args.eval) if args.eval else None
-    teacher = teacher_outputs(dense, data.inputs)
     structure = _structure(pruned)
     cfg = RecoverConfig(steps=steps, lr=args.recover_lr, batch_size=args.recover_batch, seed=args.seed,
                         device=args.device)
-    features = {}
+    names, limit = [], 1 << 62
     if args.recover_features:
         from ..curvature.collect import available_bytes
-        from ..recover import branch_tensors, teacher_features
+        from ..recover import branch_tensors
 
-        features = teacher_features(dense, data.inputs, branch_tensors(dense),
-                                    int(0.25 * (available_bytes() or 1 << 34)))
+        names, limit = branch_tensors(dense), int(0.25 * (available_bytes() or 1 << 34))
+    teacher, features = teacher_targets(dense, data.inputs, names, limit)
     res = recover(pruned, data.inputs, teacher, cfg, data.labels, features=features)
     write_values(pruned, res.values)
     if _structure(pruned) != structure:
