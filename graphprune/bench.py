@@ -2,6 +2,12 @@
 
 Models are run in rotating order inside every timed iteration, so slow drift of the machine (clock
 boost, thermal throttling, a noisy neighbour) affects all of them alike and their ratio stays fair.
+Every session gets the same, explicit number of intra-op threads (pinned: never onnxruntime's
+"all cores" default, which changes with the machine's load and affinity). The speed-up of every
+model over the first comes with a bootstrap confidence interval over the interleaved iterations
+(a moving-block bootstrap: iteration i's times of all models are resampled together, in blocks,
+so drift shared by a block stays paired); with ``ci`` set, timing goes on until every interval is
+narrower than that (relative half-width) or ``max_time`` is spent.
 """
 from __future__ import annotations
 
@@ -24,6 +30,36 @@ PROVIDERS = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
 }
 _LABEL = {"CUDAExecutionProvider": "CUDA", "TensorrtExecutionProvider": "TensorRT"}
+
+
+#: provider options onnxruntime gets for each GPU provider (precision added per run)
+_TRT_OPTIONS = {"trt_engine_cache_enable": True, "trt_timing_cache_enable": True}
+
+
+def default_threads() -> int:
+    """Intra-op threads used when none are given: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def provider_options(providers: list[str], precision: str = "fp32", cache_dir: str | None = None) -> list:
+    """``providers`` as onnxruntime wants them, with TensorRT's options: engine and timing caches
+    (in ``cache_dir``, default ~/.cache/graphprune/trt) and fp16 when ``precision`` is fp16."""
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"unknown precision {precision!r} (fp32 or fp16)")
+    out = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            d = cache_dir or os.path.join(os.environ.get("GRAPHPRUNE_CACHE") or
+                                          os.path.join(os.path.expanduser("~"), ".cache", "graphprune"), "trt")
+            os.makedirs(d, exist_ok=True)
+            out.append((p, {**_TRT_OPTIONS, "trt_engine_cache_path": d, "trt_timing_cache_path": d,
+                            "trt_fp16_enable": precision == "fp16"}))
+        else:
+            out.append(p)
+    return out
 
 
 def resolve_providers(provider: str) -> list[str]:
@@ -77,7 +113,8 @@ def _session(model: onnx.ModelProto, name: str, providers: list[str], threads: i
 
 
 def _runner(sess, feeds: dict, io_binding: bool):
-    """A no-argument callable doing one inference; with I/O binding the inputs live on the GPU."""
+    """A no-argument callable doing one inference; with I/O binding the inputs live on the GPU and
+    the outputs stay there (the device is synchronised after every run, so the time is the GPU's)."""
     if not io_binding:
         return lambda: sess.run(None, feeds)
     import onnxruntime as ort
@@ -90,8 +127,63 @@ def _runner(sess, feeds: dict, io_binding: bool):
         binding.bind_output(out.name, "cuda", 0)
 
     def run(_keep=device_inputs):  # the default argument keeps the device buffers alive
+        binding.synchronize_inputs()
         sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
     return run
+
+
+def warm_up(run, warmup: int, *, until_stable: bool = False, max_seconds: float = 600.0,
+            clock=time.perf_counter_ns) -> int:
+    """``warmup`` untimed runs; with ``until_stable`` (GPU providers: the first TensorRT run builds
+    its engine, CUDA autotunes convolutions) it goes on until three runs in a row are within 20% of
+    each other, or ``max_seconds`` passed. Returns how many runs it made."""
+    recent: list[int] = []
+    start, n = time.perf_counter(), 0
+    while n < warmup or (until_stable and time.perf_counter() - start < max_seconds and
+                         (len(recent) < 3 or max(recent[-3:]) > 1.2 * min(recent[-3:]))):
+        t0 = clock()
+        run()
+        recent.append(clock() - t0)
+        n += 1
+    return n
+
+
+def block_bootstrap(times: np.ndarray, iters: int = 1000, seed: int = 0) -> np.ndarray:
+    """Resampled iteration indices (iters x n) for a moving-block bootstrap over n interleaved
+    iterations (blocks of about n^(1/3) consecutive iterations: drift is correlated in time)."""
+    n = times.shape[-1]
+    rng = np.random.default_rng(seed)
+    block = max(1, int(round(n ** (1 / 3))))
+    nblocks = -(-n // block)
+    starts = rng.integers(0, n - block + 1, size=(iters, nblocks))
+    idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(iters, -1)[:, :n]
+    return idx
+
+
+def speedup_ci(base_ns, other_ns, *, conf: float = 0.95, iters: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(speed-up, low, high): p50(base) / p50(other) over paired interleaved iterations, with a
+    ``conf`` bootstrap percentile interval (block bootstrap over iterations, both resampled alike)."""
+    b = np.asarray(base_ns, dtype=np.float64)
+    o = np.asarray(other_ns, dtype=np.float64)
+    n = min(len(b), len(o))
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    b, o = b[:n], o[:n]
+    point = float(np.median(b) / np.median(o))
+    if n < 3:
+        return point, float("nan"), float("nan")
+    idx = block_bootstrap(b, iters, seed)
+    ratios = np.median(b[idx], axis=1) / np.median(o[idx], axis=1)
+    lo, hi = np.percentile(ratios, [50 * (1 - conf), 100 - 50 * (1 - conf)])
+    return point, float(lo), float(hi)
+
+
+def ci_half_width(point: float, lo: float, hi: float) -> float:
+    """Relative half-width of an interval (inf when unknown)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)) or point <= 0:
+        return float("inf")
+    return float(max(point - lo, hi - point) / point)
 
 
 def stats(times_ns: list[int], batch: int) -> dict:
@@ -121,10 +213,16 @@ def machine_info(providers: list[str]) -> dict:
 
 def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int = 5, runs: int = 30,
               min_time: float | None = None, io_binding: bool = False, threads: int | None = None,
-              seed: int = 0, clock=time.perf_counter_ns, on_run=None, input_shapes=None) -> dict:
+              seed: int = 0, clock=time.perf_counter_ns, on_run=None, input_shapes=None,
+              ci: float | None = None, max_time: float = 60.0, conf: float = 0.95,
+              precision: str = "fp32") -> dict:
     """Time every model at every batch size; see the module docstring for the method.
 
     `min_time` (seconds) keeps iterating past `runs` until that much time was spent per batch size.
+    `ci` (e.g. 0.02): keep iterating past `runs` until the `conf` bootstrap interval of every
+    speed-up over the first model is within ±ci (relative), or `max_time` seconds were spent on the
+    batch size. `threads`: intra-op threads of every session (default: the cores available to this
+    process, recorded in the settings). `precision` fp16 enables TensorRT's fp16 kernels.
     `on_run(name, batch, phase, iteration)` is called after each inference ("warmup" or "timed").
     `input_shapes` (``--input-shape`` strings or {input: dims}) sets the input size of models with
     dynamic dims (applied to every model; each model's static dims otherwise)."""
@@ -132,6 +230,11 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
         raise UserError("no models to benchmark")
     if warmup < 0 or runs < 1 or any(int(b) < 1 for b in batches) or (threads is not None and threads < 1):
         raise UserError("warmup must be >= 0; runs, threads and batch sizes must be >= 1")
+    if ci is not None and not 0 < ci < 1:
+        raise UserError(f"the confidence interval target must be in (0, 1), got {ci}")
+    if not 0 < conf < 1 or not max_time > 0:
+        raise UserError("conf must be in (0, 1) and max_time > 0")
+    threads = threads or default_threads()
     named = _named(models)
     from .shapes import describe, resolve
 
@@ -142,9 +245,11 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
     if io_binding and not on_gpu:
         log.warn("I/O binding needs the CUDA or TensorRT provider; timing plain session.run on CPU")
         io_binding = False
+    if precision == "fp16" and providers[0] != "TensorrtExecutionProvider":
+        log.warn("fp16 applies to the TensorRT provider (other providers run the model's own precision)")
     entries, sessions = [], []
     for name, model, src in named:
-        sess = _session(model, name, providers, threads)
+        sess = _session(model, name, provider_options(providers, precision), threads)
         sessions.append(sess)
         entries.append({"name": name, "source": src, "providers": sess.get_providers()})
     used = entries[0]["providers"]
@@ -153,7 +258,8 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
     result = {"requested_provider": provider, "providers": used, "io_binding": io_binding,
               "settings": {"batches": [int(b) for b in batches], "warmup": warmup, "runs": runs,
                            "min_time": min_time, "threads": threads, "seed": seed,
-                           "input_shapes": describe(shapes)},
+                           "input_shapes": describe(shapes), "ci": ci, "conf": conf, "max_time": max_time,
+                           "precision": precision},
               "machine": machine_info(used), "models": entries, "results": [], "skipped": [], "notes": []}
     for batch in (int(b) for b in batches):
         active = []  # (index, name, run callable)
@@ -166,25 +272,60 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
             active.append((i, name, _runner(sess, random_inputs(model, batch, seed, shapes=sizes[i]), io_binding)))
         if not active:
             continue
-        log.info(f"bench: batch {batch}, {len(active)} model(s), {warmup} warm-up + {runs} timed runs each")
-        times = _interleaved(active, batch, warmup, runs, min_time, clock, on_run)
+        log.info(f"bench: batch {batch}, {len(active)} model(s), {warmup} warm-up + {runs} timed runs each"
+                 + (f" (more until the speed-up interval is within ±{ci:.0%}, at most {max_time:g} s)" if ci else ""))
+        times, stop = _interleaved(active, batch, warmup, runs, min_time, clock, on_run, ci=ci, conf=conf,
+                                   max_time=max_time, until_stable=on_gpu, seed=seed)
+        base = min(i for i, _, _ in active)
         for i, name, _ in sorted(active):
-            result["results"].append({"model": name, **stats(times[i], batch)})
+            row = {"model": name, **stats(times[i], batch), "stopped": stop}
+            if i != base:
+                sp, lo, hi = speedup_ci(times[base], times[i], conf=conf, seed=seed)
+                row.update({"speedup": sp, "speedup_ci": [lo, hi], "baseline": named[base][0]})
+            else:
+                row.update({"speedup": 1.0, "speedup_ci": [1.0, 1.0], "baseline": named[base][0]})
+            result["results"].append(row)
     return result
 
 
-def _interleaved(active, batch, warmup, runs, min_time, clock, on_run) -> dict[int, list[int]]:
+def _interleaved(active, batch, warmup, runs, min_time, clock, on_run, *, ci=None, conf=0.95, max_time=60.0,
+                 until_stable=False, seed=0) -> tuple[dict[int, list[int]], str]:
+    """Timed runs in rotating order; returns the times per model and why timing stopped ("runs",
+    "min_time", "ci": every interval narrow enough, "max_time": the cap was hit first)."""
     times = {i: [] for i, _, _ in active}
+    if until_stable:  # GPU: engine builds and autotuning belong to no timed run
+        for _, _, run in active:
+            warm_up(run, 0, until_stable=True)
     for it in range(warmup):
         for _, name, run in active:
             run()
             if on_run:
                 on_run(name, batch, "warmup", it)
+    base = min(i for i, _, _ in active)
+
+    def narrow() -> bool:
+        return all(ci_half_width(*speedup_ci(times[base], times[i], conf=conf, iters=400, seed=seed)) <= ci
+                   for i, _, _ in active if i != base)
+
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed run would be charged to whichever model was running
+    stop = "runs"
     try:
-        start, it = time.perf_counter(), 0
-        while it < runs or (min_time is not None and time.perf_counter() - start < min_time):
+        start, it, next_check = time.perf_counter(), 0, runs
+        while True:
+            elapsed = time.perf_counter() - start
+            if it >= runs and (min_time is None or elapsed >= min_time):
+                if ci is None or len(active) < 2:
+                    stop = "min_time" if min_time is not None and it > runs else "runs"
+                    break
+                if elapsed >= max_time:
+                    stop = "max_time"
+                    break
+                if it >= next_check:
+                    next_check = it + max(5, it // 4)  # checks cost little next to the runs they add
+                    if narrow():
+                        stop = "ci"
+                        break
             k = it % len(active)
             for i, name, run in active[k:] + active[:k]:  # rotate who goes first
                 t0 = clock()
@@ -196,7 +337,7 @@ def _interleaved(active, batch, warmup, runs, min_time, clock, on_run) -> dict[i
     finally:
         if gc_was_enabled:
             gc.enable()
-    return times
+    return times, stop
 
 
 def speedups(result: dict, baseline: int | str = 0) -> dict[str, dict[int, float]]:

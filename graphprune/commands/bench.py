@@ -17,7 +17,15 @@ def register(sub, common) -> None:
     p.add_argument("--runs", type=int, default=30, metavar="N", help="timed runs per model and batch (default 30)")
     p.add_argument("--min-time", type=float, default=None, metavar="S",
                    help="keep running past --runs until S seconds were spent per batch size")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="onnxruntime intra-op threads, the same for every model (default: the cores available)")
+    p.add_argument("--ci", type=float, default=0.02, metavar="F",
+                   help="after --runs, keep timing until the 95%% bootstrap interval of every speed-up is within "
+                        "±F (relative; default 0.02; 0 = stop after --runs)")
+    p.add_argument("--max-time", type=float, default=30.0, metavar="S",
+                   help="at most S seconds of timed runs per batch size while narrowing the interval (default 30)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16: TensorRT builds fp16 engines (other providers run the model as it is)")
     p.add_argument("--io-binding", action="store_true", help="keep inputs/outputs on the GPU (CUDA/TensorRT)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--json", metavar="FILE", help="write the full result as JSON here")
@@ -47,6 +55,10 @@ def _check_args(args, common) -> list[int]:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.min_time is not None and not args.min_time > 0:
         raise UserError(f"--min-time must be > 0 seconds, got {args.min_time}")
+    if not 0 <= args.ci < 1:
+        raise UserError(f"--ci must be in [0, 1), got {args.ci}")
+    if not args.max_time > 0:
+        raise UserError(f"--max-time must be > 0 seconds, got {args.max_time}")
     if args.json:  # fail before a long run, not after it
         out = Path(args.json)
         if out.is_dir():
@@ -73,26 +85,37 @@ def run(args, common) -> int:
     log.info(f"bench: {len(models)} model(s), batches {','.join(map(str, batches))}, provider {args.provider}")
     res = benchmark(models, provider=args.provider, batches=batches, warmup=args.warmup, runs=args.runs,
                     min_time=args.min_time, io_binding=args.io_binding, threads=args.threads, seed=args.seed,
-                    input_shapes=args.input_shape or None)
+                    input_shapes=args.input_shape or None, ci=args.ci or None, max_time=args.max_time,
+                    precision=args.precision)
     for entry, path in zip(res["models"], args.models):
         entry["source"] = path
     res["speedups"] = {n: {str(b): s for b, s in per.items()} for n, per in speedups(res).items()}
     print(f"provider: {', '.join(res['providers'])} (requested {res['requested_provider']}"
-          f"{', I/O binding' if res['io_binding'] else ''}); {res['machine']['cpu_count']} CPUs, "
+          f"{', I/O binding' if res['io_binding'] else ''}{', fp16' if args.precision == 'fp16' else ''}); "
+          f"{res['machine']['cpu_count']} CPUs, {res['settings']['threads']} intra-op thread(s), "
           f"onnxruntime {res['machine']['onnxruntime']}; input "
           + shapes_text({n: ["B", *d[1:]] for n, d in res["settings"]["input_shapes"].items()}))
     width = max(len("model"), *(len(m["name"]) for m in res["models"]))
-    print(f"{'model':<{width}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'samples/s':>11} {'speed-up':>8}")
+    print(f"{'model':<{width}} {'batch':>5} {'runs':>5} {'p50 ms':>9} {'p90 ms':>9} {'samples/s':>11} "
+          f"{'speed-up':>8} {'95% interval':>15}")
     first = res["models"][0]["name"]
     for r in sorted(res["results"], key=lambda r: (r["batch"], [m["name"] for m in res["models"]].index(r["model"]))):
         s = res["speedups"][r["model"]].get(str(r["batch"]))
         sp = f"{s:.2f}x" if s is not None else "-"
-        print(f"{r['model']:<{width}} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
-              f"{r['throughput']:>11.1f} {sp:>8}")
+        lo, hi = r.get("speedup_ci", [None, None])
+        interval = (f"[{lo:.2f}, {hi:.2f}]" if lo is not None and lo == lo and hi == hi and r.get("baseline") != r["model"]
+                    else "-")
+        print(f"{r['model']:<{width}} {r['batch']:>5} {r['runs']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
+              f"{r['throughput']:>11.1f} {sp:>8} {interval:>15}")
     for note in res["notes"]:
         print(f"note: {note}")
     if len(res["models"]) > 1:
-        print(f"speed-up: p50 of {first} / p50 of the model, at the same batch size")
+        print(f"speed-up: p50 of {first} / p50 of the model, at the same batch size; interval: 95% block "
+              f"bootstrap over the interleaved runs"
+              + (f", timed until within ±{args.ci:.0%} or {args.max_time:g} s per batch" if args.ci else ""))
+        capped = sorted({r["batch"] for r in res["results"] if r.get("stopped") == "max_time"})
+        if capped:
+            print(f"note: batch {','.join(map(str, capped))}: the time cap came before the ±{args.ci:.0%} interval")
     if args.json:
         write_json_atomic(res, args.json)
         print(f"json: {args.json}")
