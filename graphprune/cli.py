@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, log
-from .errors import UserError, VerificationError
+from .errors import UserError, VerificationError, WorkersFailed
 from .io import same_file as _same_file
 from .shapes import text as shapes_text
 
@@ -127,6 +127,9 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     pr.add_argument("--no-verify", action="store_true", help="skip the parity check against the masked original")
     pr.add_argument("--rtol", type=_tolerance, default=1e-4, help="parity tolerance (max relative error)")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="run in N local processes (torch.distributed, gloo on CPU, NCCL with --device cuda: "
+                         "one GPU each): calibration statistics and recovery data-parallel, same result")
     pr.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     pr.add_argument("--external-data", action="store_true",
                     help="write the weights to OUTPUT.data beside OUTPUT (automatic above 2 GB)")
@@ -292,12 +295,23 @@ def print_summary(rep: dict, output: str) -> None:
         print(f"accuracy: {a['before']:.2%} -> {a['after']:.2%}{one_shot}")
 
 
-def _cmd_prune(args) -> int:
+def run_prune(args, model, output, cfg, report_path=None) -> dict:
+    """pipeline.prune, in ``--workers N`` local processes when asked (rank 0's report)."""
+    from .distributed import launch, world_size
     from .pipeline import prune
 
+    workers = getattr(args, "workers", 1) or 1
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if workers == 1 or world_size() > 1:  # already under torchrun: this process is one of the ranks
+        return prune(model, output, cfg, report_path=report_path)
+    return launch(workers, prune, model, output, cfg, report_path, quiet=bool(args.quiet))
+
+
+def _cmd_prune(args) -> int:
     _check_report_path(args)
     cfg = config_from_args(args)
-    rep = prune(args.model, args.output, cfg, report_path=args.report)
+    rep = run_prune(args, args.model, args.output, cfg, report_path=args.report)
     from .distributed import is_main
 
     if not is_main():
@@ -341,7 +355,7 @@ COMMAND_MODULES: tuple[str, ...] = ("bench", "convert", "compress", "recover")
 COMMON = {"ratio": _ratio, "tolerance": _tolerance, "human": _human, "same_file": _same_file,
           "add_prune_options": add_prune_options, "config_from_args": config_from_args,
           "print_summary": print_summary, "add_input_shape": add_input_shape,
-          "add_recover_options": add_recover_options}
+          "add_recover_options": add_recover_options, "run_prune": run_prune}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except VerificationError as exc:
         print(f"graphprune: verification failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except WorkersFailed as exc:  # --workers: the worker printed its one-line error
         return exc.exit_code
     except KeyboardInterrupt:
         print("graphprune: interrupted", file=sys.stderr)

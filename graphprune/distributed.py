@@ -70,9 +70,104 @@ def all_reduce_sum(tensors: list[torch.Tensor], device: str = "cpu") -> None:
         pos += n
 
 
+def all_reduce_tensors(tensors: list[torch.Tensor], device: str = "cpu", bucket: int = 1 << 24) -> None:
+    """Sum ``tensors`` in place over the ranks: tensors of up to ``bucket`` elements go together in
+    flat all-reduces of one dtype, larger ones alone (no copy of a large statistic is made)."""
+    if world_size() == 1 or not tensors:
+        return
+    dist = _group(device)
+    small: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel() > bucket and t.is_contiguous():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:
+            small.setdefault(t.dtype, []).append(t)
+    for group in small.values():
+        batch: list[torch.Tensor] = []
+        size = 0
+        for t in group + [None]:
+            if t is None or (batch and size + t.numel() > bucket):
+                all_reduce_sum(batch, device)
+                batch, size = [], 0
+            if t is not None:
+                batch.append(t)
+                size += t.numel()
+
+
 def shard(n: int) -> slice:
     """This rank's contiguous share of ``n`` items (the first ``n % world`` ranks get one more)."""
     w, r = world_size(), rank()
     base, extra = divmod(n, w)
     start = r * base + min(r, extra)
     return slice(start, start + base + (1 if r < extra else 0))
+
+
+def shard_chunks(n: int, chunk: int) -> slice:
+    """This rank's share of ``n`` items cut into whole chunks of ``chunk`` items (the last one
+    shorter): ranks' shares start on chunk boundaries, so a chunk is never split over two ranks."""
+    nchunks = -(-n // chunk) if n else 0
+    part = shard(nchunks)
+    return slice(min(n, part.start * chunk), min(n, part.stop * chunk))
+
+
+# ------------------------------------------------------------------ --workers N: local workers
+def launch(workers: int, fn, *args, quiet: bool = False):
+    """Run ``fn(*args)`` in ``workers`` local processes started by torch.distributed's elastic
+    launcher (the one ``torchrun --standalone`` uses: a c10d rendezvous on localhost, a free port,
+    no restarts), CPU threads split evenly unless OMP_NUM_THREADS is set. Returns rank 0's result.
+    In the workers only rank 0 prints (``quiet`` silences it too); a UserError or VerificationError
+    is printed there as one line and the worker exits with its code: WorkersFailed(code) here."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .errors import WorkersFailed
+
+    if workers < 1:
+        from .errors import UserError
+
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=f"graphprune-{uuid.uuid4().hex}",
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                       start_method="spawn", monitor_interval=0.1)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if saved is None:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    # the agent's own log lines (rendezvous, failures, terminating the other workers) stay out of ours
+    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        results = elastic_launch(cfg, _worker)(fn, args, quiet)
+    except ChildFailedError as exc:
+        failures = exc.failures
+        first = failures.get(0) or failures[min(failures)]
+        code = first.exitcode if first.exitcode in (1, 2) else (first.exitcode or 1)
+        if code in (1, 2):  # a UserError / VerificationError, printed by the worker
+            raise WorkersFailed(code) from None
+        raise
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+    return results[0]
+
+
+def _worker(fn, args, quiet: bool):
+    import sys
+
+    from . import log
+    from .errors import UserError, VerificationError
+
+    log.set_quiet(quiet or not is_main())
+    try:
+        return fn(*args)
+    except (UserError, VerificationError) as exc:
+        if is_main():
+            what = "error" if isinstance(exc, UserError) else "verification failed"
+            print(f"graphprune: {what}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)

@@ -11,3 +11,12 @@ class VerificationError(Exception):
     """A pruned model does not match its masked original. The CLI exits 1."""
 
     exit_code = 1
+
+
+class WorkersFailed(Exception):
+    """A ``--workers`` process exited with a UserError / VerificationError, whose one-line message it
+    already printed; the CLI exits with the same code."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"a worker process failed (exit code {exit_code})")
+        self.exit_code = exit_code

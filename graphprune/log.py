@@ -43,6 +43,11 @@ def _secs(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def duration(seconds: float) -> str:
+    """``95`` -> ``1m35s``, ``12`` -> ``12s`` (as the progress lines write it)."""
+    return _secs(seconds)
+
+
 def progress(stage: str, done: int, total: int, *, items: int | None = None, total_items: int | None = None,
              unit: str = "samples") -> None:
     """A progress line for long stages: redrawn in place on a terminal, else every ~10%. Call it with

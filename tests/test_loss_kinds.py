@@ -156,6 +156,8 @@ def _fisher_stat(model, x, kind="auto", batch_size=None, seed=0):
     ([helper.make_node("Identity", ["z"], ["y"])], "logits"),
 ])
 def test_diag_fisher_equals_per_sample_autograd(tail, source):
+    from graphprune.curvature.data import SampleSeeds, _draw_classes
+
     """Σ_n g_n² with g_n the gradient of sample n's summed cross-entropy over its T positions, each
     position's class drawn from the model's distribution: a per-sample autograd loop with the same draws."""
     model = seq_model(tail)
@@ -166,7 +168,8 @@ def test_diag_fisher_equals_per_sample_autograd(tail, source):
     xt = torch.from_numpy(x).double()
     logits = xt @ W
     p = torch.softmax(logits, -1)
-    y = torch.multinomial(p.reshape(-1, C), 1, generator=torch.Generator().manual_seed(0)).reshape(N, T)
+    # the draws: one stream per sample (seed 0, output 0, sample n), T uniforms, inverse CDF
+    y = _draw_classes(p.reshape(-1, C), SampleSeeds(0, range(N)), 0, N).reshape(N, T)
     expected = torch.zeros(C, K, dtype=torch.float64)
     for n in range(N):
         w = W.clone().requires_grad_(True)
@@ -233,8 +236,12 @@ def test_statistics_progress_gives_rate_and_eta(monkeypatch, capsys):
     model = seq_model([helper.make_node("Softmax", ["z"], ["y"], axis=-1)])
     x = np.random.default_rng(0).standard_normal((40, T, K)).astype(np.float32)
     _fisher_stat(model, x, batch_size=10)
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if "statistics" in ln]
-    assert lines and "samples/s" in lines[0] and "ETA" in lines[0] and "10/40 samples" in lines[0]
+    err = capsys.readouterr().err.splitlines()
+    lines = [ln for ln in err if "statistics" in ln and "samples/s" in ln]
+    assert lines and "ETA" in lines[0] and "10/40 samples" in lines[0]
+    # before it, the estimate: memory and a time extrapolated from the first batch
+    est = [ln for ln in err if "first batch" in ln]
+    assert len(est) == 1 and "over 40 samples" in est[0] and "in all" in est[0] and "B;" in est[0]
     assert "40/40 samples" in lines[-1]
     monkeypatch.setattr(log, "_quiet", True)  # -q
     _fisher_stat(model, x, batch_size=10)

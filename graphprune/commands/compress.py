@@ -62,7 +62,6 @@ def _outputs(out: str, ratios: list[float] | None) -> list[str]:
 def run(args, common) -> int:
     from ..bench import benchmark
     from ..io import load_model, write_json_atomic
-    from ..pipeline import prune
     from ..planner import Budget
     from ..report_html import render
 
@@ -107,7 +106,7 @@ def run(args, common) -> int:
                 b = cfg.budget
                 cfg.budget = Budget(b.kind, ratios[k], b.cap, b.round_to, b.best_effort)
             tmp_out = os.path.join(tmp, f"pruned{k}.onnx")
-            rep = prune(source, tmp_out, cfg)
+            rep = common["run_prune"](args, source, tmp_out, cfg)  # --workers N: in N processes
             rep["input"], rep["output"] = args.source, out
             rep["file_size"] = {"before": os.path.getsize(source), "after": os.path.getsize(tmp_out)}
             if not args.no_bench:

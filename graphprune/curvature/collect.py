@@ -23,6 +23,12 @@ from .data import CalibData, as_spec
 from .layers import LayerView
 
 
+#: the summed statistics (A, Ag, S, the Fisher diagonal) are float64: each chunk's float32
+#: contribution adds to them exactly in practice, so a sum does not depend on the order of the chunks
+#: (data-parallel ranks add up the same chunks as one process: curvature/parallel.py)
+ACC_DTYPE = torch.float64
+
+
 @dataclass
 class LayerStats:
     A: torch.Tensor | None = None  # (cols+1, cols+1) summed, divide by a_count
@@ -148,6 +154,13 @@ def _augment(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, ones], dim=2)
 
 
+def _acc(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """total += part in ACC_DTYPE (a new float64 total on the first chunk)."""
+    if total is None:
+        return part.to(ACC_DTYPE)
+    return total.add_(part)
+
+
 def _per_sample_grads(a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
     """g_n = Σ_t ds_t a_tᵀ for every sample: (N, out, cols+1), rows ordered by group."""
     g = torch.einsum("ngot,ngit->ngoi", ds, a)
@@ -164,6 +177,8 @@ class _Accumulator:
             for name, view in views.items():
                 self.stats[name].blocks = block_layout(view, block_size)
         self.batch_size = 1
+        self.row0 = 0  # calibration index of the first row of the current (share of the) batch
+        self.parallel = None  # curvature.parallel.DataParallel when the ranks split the batches
 
     def record(self, node, x: torch.Tensor, y: torch.Tensor) -> None:
         view = self.views.get(node.name)
@@ -181,28 +196,31 @@ class _Accumulator:
             if self.needs & {"kfac", "kfac_a"}:  # kfac_a: the input factor only (layer-wise OBS needs no S)
                 if a.shape[1] > 1 and view.cols > view.taps:  # grouped, not depthwise (nothing to compensate)
                     aag = torch.einsum("ngit,ngjt->gij", a, a)
-                    st.Ag = aag if st.Ag is None else st.Ag + aag
+                    st.Ag = _acc(st.Ag, aag)
                     aa = aag.sum(0)
                 else:
                     aa = torch.einsum("ngit,ngjt->ij", a, a)
-                st.A = aa if st.A is None else st.A + aa
+                st.A = _acc(st.A, aa)
                 st.a_count += a.shape[0] * a.shape[1] * a.shape[3]
             if "kfac" in self.needs:
                 d = ds.reshape(ds.shape[0], -1, ds.shape[3])  # (N, out, T)
                 ss = torch.einsum("not,npt->op", d, d)
-                st.S = ss if st.S is None else st.S + ss
+                st.S = _acc(st.S, ss)
             if self.needs & {"fisher_diag", "woodfisher", "woodtaylor"}:
                 gs = _per_sample_grads(a, ds)
                 if "fisher_diag" in self.needs:
                     sq = gs.pow(2).sum(0)
-                    st.fisher = sq if st.fisher is None else st.fisher + sq
+                    st.fisher = _acc(st.fisher, sq)
                 if self.needs & {"woodfisher", "woodtaylor"}:
                     gs = gs[:, :, :st.blocks.length]  # without the bias column when the layer has none
                 if "woodtaylor" in self.needs:
                     gsum = gs.sum(0)
                     st.gsum = gsum if st.gsum is None else st.gsum + gsum
                 if self.needs & {"woodfisher", "woodtaylor"}:
-                    self._queue(st, gs, last=s + self.chunk >= n)
+                    if self.parallel is not None:  # ranks sum Σ g gᵀ per block, inverted after the reduction
+                        self.parallel.block_sums(st, gs, self.row0 + s)
+                    else:
+                        self._queue(st, gs, last=s + self.chunk >= n)
             st.n += ds.shape[0]
 
     def _queue(self, st: LayerStats, gs: torch.Tensor, last: bool) -> None:
@@ -270,9 +288,9 @@ def estimate_bytes(views: dict[str, LayerView], needs: set[str], chunk: int = 8,
         out["executor"] += (1 if weights_shared else 2) * 4 * v.out * c
         if needs & {"kfac", "kfac_a"}:
             per_group = v.groups if v.groups > 1 and v.cols > v.taps else 0  # Ag of grouped convs
-            out["kfac"] += 4 * (c * c * (1 + per_group) + (v.out * v.out if "kfac" in needs else 0))
+            out["kfac"] += ACC_DTYPE.itemsize * (c * c * (1 + per_group) + (v.out * v.out if "kfac" in needs else 0))
         if "fisher_diag" in needs:
-            out["fisher_diag"] += 4 * v.out * c
+            out["fisher_diag"] += ACC_DTYPE.itemsize * v.out * c
         if wood:
             out["woodfisher"] += woodfisher_bytes(v, block_size)
             if "woodtaylor" in needs:
@@ -322,33 +340,61 @@ def available_bytes() -> int | None:
     return None
 
 
+def _bytes_text(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, needs: set[str], *,
             batch_size: int = 32, damping: float = 1e-3, seed: int = 0, on_batch=None,
             device: str = "cpu", block_size: int | None = None) -> Stats:
     """Run forward/backward over the calibration set, accumulating what ``needs`` asks for
-    (``block_size``: WoodFisher's diagonal blocks, None: one per output row)."""
+    (``block_size``: WoodFisher's diagonal blocks, None: one per output row).
+
+    Under torchrun (graphprune.distributed) every rank takes its share of each mini-batch and the
+    sums are all-reduced at the end (curvature/parallel.py); the sampled targets come from
+    per-sample seeds (data.SampleSeeds), so the result does not depend on the number of ranks."""
+    from .. import distributed as dp
+    from .data import SampleSeeds
+
     t0 = time.perf_counter()
     acc = _Accumulator(views, needs, len(data), damping, block_size=block_size)
     layer_needs = needs & {"kfac", "kfac_a", "fisher_diag", "woodfisher", "woodtaylor"}
     tg.recorder = acc.record if layer_needs else None
-    gen = torch.Generator().manual_seed(seed)
     spec = as_spec(loss_kind)
+    parallel = dp.world_size() > 1
+    if parallel:
+        from .parallel import DataParallel
+
+        acc.parallel = DataParallel(acc, device, min(batch_size, len(data)), WOODBURY_SAMPLES)
     n_batches = (len(data) + batch_size - 1) // batch_size
     log.progress("statistics", 0, n_batches)  # starts the clock for samples/s and the ETA
     seen = 0
     for k, (feeds, labels) in enumerate(data.batches(batch_size)):
-        acc.batch_size = len(next(iter(feeds.values())))
-        inputs = {name: torch.from_numpy(np.ascontiguousarray(v)).to(device) for name, v in feeds.items()}
+        t_batch = time.perf_counter()
+        n = len(next(iter(feeds.values())))
+        acc.batch_size = n  # the loss is the mean over the whole mini-batch, whichever rank holds a row
+        rows = dp.shard_chunks(n, acc.chunk) if parallel else slice(0, n)
         tg.zero_grad(set_to_none=True)
-        outs = tg(**inputs)
-        lab = None if labels is None else torch.from_numpy(labels).to(device)
-        loss = spec.value(outs, lab, gen, acc.batch_size)  # Σ over outputs, mean over samples (data.LossSpec)
-        loss.backward()
+        if rows.stop > rows.start:
+            acc.row0 = seen + rows.start
+            inputs = {name: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for name, v in feeds.items()}
+            outs = tg(**inputs)
+            lab = None if labels is None else torch.from_numpy(labels[rows]).to(device)
+            seeds = SampleSeeds(seed, range(seen + rows.start, seen + rows.stop))
+            loss = spec.value(outs, lab, seeds, n)  # Σ over outputs, Σ over rows / n (data.LossSpec)
+            loss.backward()
+            del outs, loss
         if on_batch is not None:
+            if parallel:
+                acc.parallel.reduce_grads(tg)  # Taylor: the mini-batch gradient, summed over the ranks
             on_batch(tg)
-        seen += acc.batch_size
+        seen += n
+        if k == 0:
+            _estimate_line(views, needs, device, block_size, time.perf_counter() - t_batch, n, len(data))
         log.progress("statistics", k + 1, n_batches, items=seen, total_items=len(data))
     tg.recorder = None
+    if parallel:
+        acc.parallel.finish(acc.stats, len(data), damping, WOODFISHER_DTYPE)
     for st in acc.stats.values():
         if st.finv is not None:  # the updates leave rounding-level asymmetry: make every block symmetric
             step = max(1, (1 << 22) // (st.finv.shape[1] ** 2))
@@ -356,3 +402,18 @@ def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, ne
                 F = st.finv[s:s + step]
                 F.copy_((F + F.transpose(1, 2)) * 0.5)
     return Stats(acc.stats, len(data), str(spec), time.perf_counter() - t0)
+
+
+def _estimate_line(views, needs, device, block_size, first: float, first_n: int, total: int) -> None:
+    """One stderr line after the first mini-batch: the memory the statistics will hold (estimated
+    up front, as the --max-memory check does) and the time, extrapolated from the first batch (which
+    includes one-off costs, so it errs long)."""
+    from .. import distributed as dp
+
+    kinds = sorted(needs & {"kfac", "kfac_a", "fisher_diag", "woodfisher", "woodtaylor", "grads"})
+    mem = sum(estimate_bytes(views, needs, weights_shared=str(device).split(":")[0] == "cpu",
+                             block_size=block_size).values())
+    secs = first * total / max(first_n, 1)
+    procs = f" on {dp.world_size()} processes" if dp.world_size() > 1 else ""
+    log.info(f"statistics ({', '.join(kinds)}) over {total} samples{procs}: about {_bytes_text(mem)}; "
+             f"first batch {first:.1f} s, about {log.duration(secs)} in all")

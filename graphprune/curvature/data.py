@@ -19,6 +19,51 @@ LOSSES = ("auto", "labels", "true-fisher", "empirical-fisher", "gauss-newton", "
 _TINY = 1e-30
 
 
+class SampleSeeds:
+    """The random draws of a mini-batch (sampled classes of the true Fisher, Bernoulli outcomes,
+    Gauss-Newton targets), one stream per calibration sample: sample ``i`` of the calibration set
+    draws from a generator seeded by (seed, output, i). What a sample draws therefore does not depend
+    on the mini-batch size nor on which process handles it: the data-parallel statistics
+    (graphprune.distributed) equal the single-process ones."""
+
+    def __init__(self, seed: int, index) -> None:
+        self.seed = int(seed)
+        self.index = [int(i) for i in index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _gens(self, part: int):
+        for i in self.index:
+            state = np.random.SeedSequence([self.seed, int(part), i]).generate_state(1, np.uint64)[0]
+            yield torch.Generator().manual_seed(int(state))
+
+    def uniform(self, part: int, per_sample: int) -> torch.Tensor:
+        """(samples * per_sample,) float64 in [0, 1), sample-major."""
+        if not self.index:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.cat([torch.rand(per_sample, generator=g, dtype=torch.float64) for g in self._gens(part)])
+
+    def normal(self, part: int, shape) -> torch.Tensor:
+        """(samples, *shape) float64 standard normal draws."""
+        if not self.index:
+            return torch.zeros(0, *shape, dtype=torch.float64)
+        return torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float64) for g in self._gens(part)])
+
+
+def _draw_classes(prob: torch.Tensor, gen, part: int, samples: int) -> torch.Tensor:
+    """One class per row of ``prob`` (rows, C) (unnormalised weights, float64 on the CPU), rows
+    sample-major: (rows, 1) int64. A SampleSeeds draws by inverse CDF with each sample's uniforms."""
+    if not isinstance(gen, SampleSeeds):
+        return torch.multinomial(prob, 1, generator=gen)
+    if len(gen) != samples:
+        raise ValueError(f"{len(gen)} sample seeds for {samples} samples")
+    cdf = prob.cumsum(1)
+    u = gen.uniform(part, prob.shape[0] // max(samples, 1)) * cdf[:, -1]
+    y = torch.searchsorted(cdf, u[:, None].contiguous(), right=True)
+    return y.clamp_(max=prob.shape[1] - 1)
+
+
 @dataclass
 class CalibData:
     inputs: dict[str, np.ndarray]
@@ -256,30 +301,37 @@ def _categorical_rows(out: torch.Tensor, axes) -> torch.Tensor:
     return x.reshape(-1, math.prod(out.shape[a] for a in axes))
 
 
-def part_loss(p: LossPart, out: torch.Tensor, labels, gen: torch.Generator, n: int) -> torch.Tensor:
-    """One output's loss: the mean over the batch's ``n`` samples of the per-sample loss, which sums
-    over the output's positions (a sequence of T frames counts T categorical terms per sample)."""
+def part_loss(p: LossPart, out: torch.Tensor, labels, gen, n: int) -> torch.Tensor:
+    """One output's loss: the per-sample loss, which sums over the output's positions (a sequence of
+    T frames counts T categorical terms per sample), summed over the rows of ``out`` and divided by
+    ``n`` (the mini-batch size: under data parallelism ``out`` holds this process's share of the
+    mini-batch, and the processes' losses add up to the mini-batch mean). ``gen``: a torch.Generator,
+    or SampleSeeds with one entry per row of ``out`` (draws independent of the batching)."""
     if p.kind in ("labels", "true-fisher", "empirical-fisher", "gauss-newton") and p.source == "logits":
         return loss_value(p.kind, out.reshape(out.shape[0], -1) if out.dim() > 2 and p.kind != "gauss-newton"
-                          else out, labels, gen)
+                          else out, labels, gen, n=n, part=p.index)
     if p.kind in ("labels", "empirical-fisher"):  # from probabilities / log-probabilities
         logp = out if p.source == "log-probs" else torch.log(out.clamp_min(_TINY))
         y = labels if p.kind == "labels" else out.detach().argmax(dim=1)
-        return F.nll_loss(logp, y.to(out.device))
+        return F.nll_loss(logp, y.to(out.device), reduction="sum") / n
     if p.kind == "categorical":
         x = _categorical_rows(out, p.axes)
         if p.source == "logits":
             x = torch.log_softmax(x, dim=1)
         with torch.no_grad():
             prob = x.double().exp() if p.source != "probs" else x.double().clamp_min(0)
-            y = torch.multinomial(prob.cpu(), 1, generator=gen).to(out.device)
+            y = _draw_classes(prob.cpu(), gen, p.index, out.shape[0]).to(out.device)
         picked = x.gather(1, y)
         nll = -(torch.log(picked.clamp_min(_TINY)) if p.source == "probs" else picked)
         return nll.sum() / n
     if p.kind == "bernoulli":
         with torch.no_grad():
             prob = torch.sigmoid(out.double()) if p.source == "logits" else out.double().clamp(0, 1)
-            y = torch.bernoulli(prob.cpu(), generator=gen).to(out.device, out.dtype)
+            if isinstance(gen, SampleSeeds):
+                u = gen.uniform(p.index, prob[0].numel() if len(prob) else 0).reshape(prob.shape)
+                y = (u < prob.cpu()).to(out.device, out.dtype)
+            else:
+                y = torch.bernoulli(prob.cpu(), generator=gen).to(out.device, out.dtype)
         if p.source == "logits":
             return F.binary_cross_entropy_with_logits(out, y, reduction="sum") / n
         q = torch.where(y > 0.5, out, 1 - out)  # the probability of the sampled outcome
@@ -287,16 +339,24 @@ def part_loss(p: LossPart, out: torch.Tensor, labels, gen: torch.Generator, n: i
     raise ValueError(f"unknown loss part {p.kind!r}")
 
 
-def loss_value(kind: str, out: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
-    """Mean over the batch of the per-sample loss whose Fisher/Gauss-Newton we estimate."""
+def loss_value(kind: str, out: torch.Tensor, labels: torch.Tensor | None, gen, n: int | None = None,
+               part: int = 0) -> torch.Tensor:
+    """The per-sample loss whose Fisher/Gauss-Newton we estimate, summed over the rows of ``out`` and
+    divided by ``n`` (default: the rows, i.e. the batch mean). ``gen``: a torch.Generator, or
+    SampleSeeds (one stream per sample, see there; ``part`` tells the outputs' streams apart)."""
+    n = len(out) if n is None else n
     if kind == "labels":
-        return F.cross_entropy(out, labels)
+        return F.cross_entropy(out, labels, reduction="sum") / n
     if kind == "true-fisher":  # y ~ p(y|x): the expected outer product of gradients is the Fisher
-        y = torch.multinomial(torch.softmax(out.detach().double(), dim=1), 1, generator=gen).squeeze(1)
-        return F.cross_entropy(out, y.to(out.device))
+        prob = torch.softmax(out.detach().double(), dim=1).cpu()
+        y = _draw_classes(prob, gen, part, len(out)).squeeze(1)
+        return F.cross_entropy(out, y.to(out.device), reduction="sum") / n
     if kind == "empirical-fisher":
-        return F.cross_entropy(out, out.detach().argmax(dim=1))
+        return F.cross_entropy(out, out.detach().argmax(dim=1), reduction="sum") / n
     # gauss-newton: Gaussian likelihood around the model's own output, target sampled
-    noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    if isinstance(gen, SampleSeeds):
+        noise = gen.normal(part, out.shape[1:]).to(out.device, out.dtype)
+    else:
+        noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     target = out.detach() + noise
-    return 0.5 * (out - target).pow(2).reshape(len(out), -1).sum(1).mean()
+    return 0.5 * (out - target).pow(2).sum() / n
