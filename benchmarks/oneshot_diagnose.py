@@ -41,7 +41,8 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from graphprune import UserError  # noqa: E402
-from graphprune.pipeline import PruneConfig, _score, load_and_trace  # noqa: E402
+from graphprune.pipeline import PruneConfig, load_and_trace  # noqa: E402
+from graphprune.stages.score import score  # noqa: E402
 from graphprune.planner import Budget, make_plan  # noqa: E402
 from graphprune.rewriter import masked_view  # noqa: E402
 from graphprune.runtime import run, session  # noqa: E402
@@ -130,7 +131,8 @@ def diagnose(path: str, calib: str, criterion: str, ratio: float, work: str) -> 
     model, tr = load_and_trace(path, calib=score_path)
     config = PruneConfig(criterion=criterion, budget=Budget("flops", ratio), calib=score_path, samples=1 << 30)
     t = time.perf_counter()
-    crit, method, ctx, scores, meta = _score(model, tr, config, config.budget, {}, "")
+    scoring = score(model, tr, config, config.budget, {})
+    crit, method, ctx, scores, meta = scoring.criterion, scoring.method, scoring.ctx, scoring.scores, scoring.meta
     plan = make_plan(tr, scores, config.budget)
     seconds = time.perf_counter() - t
     with masked_view(tr, set(), model) as dense:

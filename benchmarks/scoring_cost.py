@@ -161,7 +161,8 @@ def measure(kind: str, name: str, onnx_path: str, calib: str, samples: int, batc
         entry["base_rss_mb"] = round(_rss_mb())
         return _passes(entry, lambda xb: _plain_loss([model(xb)]), model, batches)
     from graphprune.criteria import ScoringContext, make_criterion
-    from graphprune.pipeline import PruneConfig, _compensation_method, _needs, collect_statistics, load_and_trace
+    from graphprune.pipeline import PruneConfig, collect_statistics, load_and_trace
+    from graphprune.stages.score import compensation_method as _compensation_method, needs_of as _needs
     from graphprune.planner import Budget, make_plan
 
     t = time.perf_counter()

@@ -204,3 +204,26 @@ def test_no_import_circle_between_tracer_runtime_and_rewriter():
         return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in edges[a])
 
     assert not [m for m in core if reaches(m, m)], edges
+
+
+def test_pipeline_reads_as_stages():
+    """prune is the stage modules in order; no stage imports the pipeline (the API sits on top of
+    them, never under), and the stages import each other without a cycle."""
+    import re
+
+    stages = REPO / "graphprune" / "stages"
+    names = sorted(p.stem for p in stages.glob("*.py") if p.stem != "__init__")
+    assert {"load", "score", "plan", "compensate", "rewrite", "verify", "recover", "write"} <= set(names)
+    edges = {}
+    for name in names:
+        text = (stages / f"{name}.py").read_text()
+        assert "pipeline" not in re.findall(r"from \.\.(\w+) import", text), name
+        edges[name] = set(re.findall(r"from \.(\w+) import", text)) & set(names)
+
+    def reaches(a: str, b: str, seen=()) -> bool:
+        return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in edges[a])
+
+    assert not [m for m in names if reaches(m, m)], edges
+    pipeline = (REPO / "graphprune" / "pipeline.py").read_text()
+    assert len(pipeline.splitlines()) < 200  # the API and the order of stages, not their insides
+    assert "LatencyTable" not in pipeline and "ed.decompose" not in pipeline  # no method special-cased inside

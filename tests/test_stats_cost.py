@@ -85,7 +85,8 @@ def test_the_pipeline_asks_only_for_what_the_compensation_reads():
     """fisher/taylor + default OBS: input factors only (no S); kron-obs: S too; woodfisher/woodtaylor
     compensation: their own block inverses, no K-FAC factors."""
     from graphprune.criteria import make_criterion
-    from graphprune.pipeline import _compensation_method, _needs, PruneConfig
+    from graphprune.pipeline import PruneConfig
+    from graphprune.stages.score import compensation_method as _compensation_method, needs_of as _needs
 
     cfg = PruneConfig()
     assert _needs(make_criterion("fisher"), _compensation_method(make_criterion("fisher"), cfg)) == {"fisher_diag", "kfac_a"}

@@ -1,0 +1,73 @@
+"""Stage: plan against measured latency (--keep-latency). Plan with the per-layer latency table,
+measure the pruned model end to end against the dense one, and correct the layer budget until the
+measured latency lands on the target."""
+from __future__ import annotations
+
+import time
+
+import onnx
+
+from .. import log
+from ..config import PruneConfig
+from ..errors import UserError
+from ..export import export_graph
+from ..planner import Budget, make_plan
+from ..tracer import Trace
+from .plan import RoundResult, apply_round
+from .score import Scoring
+
+
+class LatencyRound:
+    def __init__(self, config: PruneConfig):
+        self.config = config
+
+    def run(self, model: onnx.ModelProto, tr: Trace, scoring: Scoring, budget: Budget, timings: dict,
+            tag: str = "") -> RoundResult:
+        from ..latency import LatencyTable
+
+        config = self.config
+        t = time.perf_counter()
+        table = LatencyTable(config.provider, config.latency_batch, config.latency_cache,
+                                          shapes=tr.input_shapes)
+        dense_model = export_graph(tr.graph.copy(), model)  # the original as deployed (before any compensation)
+        ratio, attempts, best = budget.ratio, [], None
+        for attempt in range(config.latency_attempts):
+            tp = time.perf_counter()
+            plan = make_plan(tr, scoring.scores,
+                             Budget("latency", ratio, budget.cap, budget.round_to, best_effort=True), table)
+            timings[tag + "plan"] = timings.get(tag + "plan", 0.0) + time.perf_counter() - tp
+            res = apply_round(model, tr, scoring, plan, config, timings, tag)
+            res.compensation.undo(tr)  # the trace graph goes back to the original before another attempt
+            dense, measured = table.measure_pair(dense_model, res.pruned)
+            target = budget.ratio * dense
+            attempts.append({"layer_budget": round(ratio, 4), "layers_ms_before": plan.before["latency"],
+                             "layers_ms_predicted": plan.after["latency"],
+                             "predicted_ms": dense * plan.after["latency"] / max(plan.before["latency"], 1e-9),
+                             "measured_ms": measured})
+            log.info(f"latency attempt {attempt + 1}: layer budget {ratio:.3f}, measured {measured:.3f} ms "
+                     f"(target {target:.3f} ms)")
+            error = abs(measured / target - 1)
+            within = 0.9 * target <= measured <= target
+            if best is None or (within and not best[2]) or (within == best[2] and error < best[0]):
+                best = (error, (res, measured, dense, target, attempts[-1]["predicted_ms"]), within)
+            if within:
+                break
+            ratio = float(min(1.0, max(0.01, ratio * target / measured)))
+        timings[tag + "latency_planning"] = time.perf_counter() - t
+        timings[tag + "latency_tables_measured_s"] = table.seconds
+        table.save()
+        res, measured, dense, target, predicted = best[1]
+        met = measured <= target * 1.1
+        res.latency = {"provider": config.provider, "device": table.device, "batch": config.latency_batch,
+                       "dense_ms": dense, "target_ms": target, "measured_ms": measured, "predicted_ms": predicted,
+                       "attempts": attempts, "cache": str(table.cache_path), "layers_measured": table.measured}
+        res.plan.budget_met = met
+        res.plan.notes = []  # the layer-sum budget is internal; only the measured target counts
+        if not met:
+            msg = (f"--keep-latency {budget.ratio:g}: best measured {measured:.3f} ms for a target of "
+                   f"{target:.3f} ms ({measured / dense:.2f} of dense)")
+            if not budget.best_effort:
+                raise UserError(msg + "; use --best-effort to accept it")
+            res.plan.notes.append(msg)
+        return res
+

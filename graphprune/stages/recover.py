@@ -1,0 +1,74 @@
+"""Stage: recover. Distillation of the pruned model from the dense one on the calibration inputs
+(graphprune/recover.py trains; this stage holds what recovery needs across rounds)."""
+from __future__ import annotations
+
+import time
+
+import onnx
+
+from ..config import AUTO_RECOVER_STEPS, PruneConfig
+from ..errors import UserError
+from ..runtime import GraphModel
+from ..tracer import Trace
+from .verify import evaluate
+
+
+def recovery_steps(config: PruneConfig) -> int:
+    """Recovery steps per round that ``config`` asks for (``recover=None``: automatic)."""
+    if config.recover is None:
+        auto = (config.calib is not None and config.budget.kind != "lossless"
+                and config.criterion != "eigendamage")
+        return AUTO_RECOVER_STEPS if auto else 0
+    if config.recover < 0:
+        raise UserError(f"--recover must be >= 0 steps, got {config.recover}")
+    if config.recover and config.calib is None:
+        raise UserError("--recover distils from the dense model on the calibration inputs: give --calib FILE.npz")
+    if config.recover and config.criterion == "eigendamage":
+        raise UserError("--recover does not apply to --criterion eigendamage (its bottlenecks are verified as "
+                        "products of the original's weights); use --recover 0")
+    return config.recover
+
+
+class Recovery:
+    """What recovery needs across rounds: the calibration inputs (every row of the file), the dense
+    model's outputs on them (computed once, before scoring or compensation touch the weights), and the
+    names of the original's initializers (only those may be trained: verification scatters them back)."""
+
+    def __init__(self, model: onnx.ModelProto, tr: Trace, config: PruneConfig, steps: int, timings: dict):
+        from ..curvature.collect import available_bytes
+        from ..curvature.data import load_calib
+        from ..recover import RecoverConfig, branch_tensors, teacher_targets
+
+        t = time.perf_counter()
+        data = load_calib(model, config.calib, 1 << 62, config.seed, shapes=tr.input_shapes)
+        self.inputs, self.labels = data.inputs, data.labels
+        dense = GraphModel(tr.graph, model)
+        names = branch_tensors(dense.model) if config.recover_features else []
+        self.teacher, self.features = teacher_targets(dense, self.inputs, names,
+                                                      int(0.25 * (available_bytes() or 1 << 34)))
+        self.allowed = {name for name, t in tr.graph.tensors().items() if hasattr(t, "values")}
+        self.cfg = RecoverConfig(steps=steps, lr=config.recover_lr, batch_size=config.recover_batch,
+                                 seed=config.seed, device=config.device)
+        self.config = config
+        self.rounds: list[dict] = []
+        timings["recovery_teacher"] = time.perf_counter() - t
+
+    def run(self, pruned: onnx.ModelProto, timings: dict, tag: str = "", eval_data: str | None = None) -> list[str]:
+        """Train ``pruned``'s weights in place; returns the names of the tensors written."""
+        from ..recover import recover, write_values
+
+        t = time.perf_counter()
+        before = evaluate(pruned, eval_data) if eval_data else None
+        res = recover(pruned, self.inputs, self.teacher, self.cfg, self.labels, self.allowed,
+                      tag=tag.replace("_", " "), features=self.features)
+        write_values(pruned, res.values)
+        entry = res.summary()
+        if before is not None:
+            entry["accuracy_before_recovery"] = before
+        self.rounds.append(entry)
+        timings[tag + "recovery"] = time.perf_counter() - t
+        return sorted(res.values)
+
+    def report(self) -> dict:
+        return {"steps_per_round": self.cfg.steps, "lr": self.config.recover_lr, "batch": self.config.recover_batch,
+                "rounds": self.rounds}
