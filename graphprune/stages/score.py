@@ -73,13 +73,16 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
                         "lighter criterion (taylor, fisher, kron-obd/kron-obs instead of woodfisher), "
                         "--no-compensate, " + ("a smaller --block-size, " if config.block_size else "")
                         + "or raise --max-memory")
+    from ..distributed import local_device
+
+    device = local_device(config.device)  # under torchrun / --workers: cuda means this rank's GPU
     try:
         tg = TorchGraph(tr.graph, trainable=[n for v in ctx.views.values() for n in (v.weight, v.bias) if n],
-                        device=config.device, share_weights=True)  # on CPU: no second copy of the weights
+                        device=device, share_weights=True)  # on CPU: no second copy of the weights
     except UnsupportedOpError as exc:
         raise UserError(f"{exc}; use a weights-only criterion (magnitude) for this model") from None
     ctx.stats = collect(tg, ctx.views, data, loss_kind, needs, batch_size=config.batch_size,
-                        damping=config.damping, seed=config.seed, device=config.device, on_batch=on_batch,
+                        damping=config.damping, seed=config.seed, device=device, on_batch=on_batch,
                         block_size=block)
     timings[tag + "statistics"] = time.perf_counter() - t
     meta = {"loss": loss_kind, "calibration": data.source, "samples": len(data)}
