@@ -8,7 +8,8 @@
   δW_rest = −[S⁻¹]_rest,I ([S⁻¹]_II)⁻¹ W_I
 * woodfisher uses its own block inverses: in every block b of every row that holds removed
   columns Q_b, δw_b = −F_b⁻¹[:,Q_b] ([F_b⁻¹]_QbQb)⁻¹ w_Qb (other blocks are untouched); when Q_b is
-  the whole block the system is still the damped F_b, so it stays well-posed
+  the whole block the system is still the damped F_b, so it stays well-posed; a bias-free layer's
+  blocks hold the constant input's coordinate too (collect.block_layout), whose change is dropped
 * woodtaylor, the same with the gradient term: δw_b = −F_b⁻¹ḡ_b − F_b⁻¹[:,Q_b] ([F_b⁻¹]_QbQb)⁻¹ v_Qb,
   v = w − F_b⁻¹ḡ_b (the constrained minimum of ḡᵀδw + ½δwᵀFδw, METHODS §6)
 
@@ -101,7 +102,7 @@ def compensate(ctx, keep_fn, method: str = "obs", damping: float = 1e-3) -> dict
                 from ..errors import UserError
 
                 raise UserError(f"--compensate {method} needs the statistics of --criterion {method}")
-            L = st.blocks.length  # cols, plus the bias column when the layer has one
+            L = st.blocks.length  # cols + 1: a bias-free layer's constant column changes too, and is dropped
             if len(J):
                 W[:, :L] = _woodfisher_update(st, W[:, :L], J.numpy(), taylor=method == "woodtaylor")
         else:
