@@ -46,9 +46,12 @@ def _gib(n: float) -> str:
 
 
 def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, config: PruneConfig,
-                       needs: set[str], timings: dict, tag: str = "", on_batch=None) -> dict:
+                       needs: set[str], timings: dict, tag: str = "", on_batch=None, scored_only: bool = False) -> dict:
     """Calibration data → PyTorch executor → streamed statistics, stored on ``ctx``. Returns the
-    report's entries about them (loss, calibration source, samples, block size)."""
+    report's entries about them (loss, calibration source, samples, block size). ``scored_only``:
+    statistics only for the layers a channel criterion reads and compensation updates (those with
+    output rows or input columns in a prunable group); the others (a classifier head whose classes
+    are a graph output, depthwise convs, layers between frozen groups) get none."""
     from converters.onnx_to_torch import TorchGraph, UnsupportedOpError
 
     from ..curvature.collect import available_bytes, collect, default_block_size, estimate_bytes
@@ -58,13 +61,16 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
     t = time.perf_counter()
     data = load_calib(model, config.calib, config.samples, config.seed, shapes=tr.input_shapes)
     loss_kind = resolve_loss(config.loss, data, tr.graph, tr.state)  # a LossSpec: str, per-output parts
-    ctx.views = layer_views(tr.graph, tr.state)
+    ctx.views = views = layer_views(tr.graph, tr.state)
+    if scored_only:
+        used = {v.node for g in tr.groups if g.prunable for v, _, _ in ctx.layer_units(g)}
+        views = {n: v for n, v in ctx.views.items() if n in used}
     shared = str(config.device).split(":")[0] == "cpu"
     limit = config.max_memory or int(0.8 * (available_bytes() or 1 << 60))
     block = None
     if needs & {"woodfisher", "woodtaylor"}:
-        block = config.block_size or default_block_size(ctx.views, needs, limit, weights_shared=shared)
-    need = estimate_bytes(ctx.views, needs, weights_shared=shared, block_size=block)
+        block = config.block_size or default_block_size(views, needs, limit, weights_shared=shared)
+    need = estimate_bytes(views, needs, weights_shared=shared, block_size=block)
     if sum(need.values()) > limit:
         worst = max((k for k in need if k != "transient"), key=need.get)
         label = {"executor": "PyTorch weights + gradients"}.get(worst, worst)
@@ -77,11 +83,11 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
 
     device = local_device(config.device)  # under torchrun / --workers: cuda means this rank's GPU
     try:
-        tg = TorchGraph(tr.graph, trainable=[n for v in ctx.views.values() for n in (v.weight, v.bias) if n],
+        tg = TorchGraph(tr.graph, trainable=[n for v in views.values() for n in (v.weight, v.bias) if n],
                         device=device, share_weights=True)  # on CPU: no second copy of the weights
     except UnsupportedOpError as exc:
         raise UserError(f"{exc}; use a weights-only criterion (magnitude) for this model") from None
-    ctx.stats = collect(tg, ctx.views, data, loss_kind, needs, batch_size=config.batch_size,
+    ctx.stats = collect(tg, views, data, loss_kind, needs, batch_size=config.batch_size,
                         damping=config.damping, seed=config.seed, device=device, on_batch=on_batch,
                         block_size=block)
     timings[tag + "statistics"] = time.perf_counter() - t
@@ -109,7 +115,7 @@ def score(model: onnx.ModelProto, tr: Trace, config: PruneConfig, budget: Budget
     method = compensation_method(criterion, config)
     ctx = ScoringContext(tr)
     needs = needs_of(criterion, method)
-    meta = collect_statistics(model, tr, ctx, config, needs, timings, tag,
+    meta = collect_statistics(model, tr, ctx, config, needs, timings, tag, scored_only=True,
                               on_batch=lambda g: criterion.on_batch(ctx, g)) if needs else {}
     t = time.perf_counter()
     scores = criterion.score(ctx)
