@@ -92,14 +92,27 @@ def _recover_steps(text: str) -> int:
     return n
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return v
+
+
 def add_recover_options(p: argparse.ArgumentParser, steps_flag: str = "--recover") -> None:
     rc = p.add_argument_group("recovery: distillation from the dense model on the --calib inputs")
     rc.add_argument(steps_flag, dest="recover", type=_recover_steps, default=None, metavar="STEPS",
-                    help="training steps per pruning round (0 = off; default: 100 when --calib is given, "
-                         "except for eigendamage)")
+                    help="training steps per pruning round (0 = off; default: 100 when --calib is given)")
     rc.add_argument("--recover-lr", type=_tolerance, default=1e-3, metavar="LR",
                     help="AdamW learning rate, cosine schedule (default 1e-3)")
     rc.add_argument("--recover-batch", type=int, default=32, metavar="B", help="mini-batch size (default 32)")
+    rc.add_argument("--recover-mix", type=_fraction, default=0.5, metavar="F",
+                    help="fraction of each mini-batch replaced by mixtures of two calibration inputs, the dense "
+                         "model's outputs on them computed on the fly: more distinct inputs than the file holds "
+                         "(default 0.5; 0 = off; labelled batches and integer inputs are never mixed)")
     rc.add_argument("--recover-features", action="store_true",
                     help="also match the dense model's activations at block boundaries (tensors read by several "
                          "nodes) that the plan left at full width (MSE over their variance)")
@@ -110,7 +123,8 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     add_input_shape(pr)
     pr.add_argument("--criterion", default="auto",
                     help="auto (default: taylor with --calib, magnitude without), magnitude, magnitude-l1, taylor, "
-                         "fisher, kron-obd, kron-obs, woodfisher, woodtaylor, eigendamage, eigendamage-channel")
+                         "taylor2, fisher, kron-obd, kron-obs, woodfisher, woodtaylor, eigendamage, "
+                         "eigendamage-channel")
     b = pr.add_mutually_exclusive_group(required=budget_required)
     b.add_argument("--keep-flops", type=_ratio, metavar="F", help="keep at most F x the MACs (batch 1)")
     b.add_argument("--keep-params", type=_ratio, metavar="F", help="keep at most F x the parameters")
@@ -259,7 +273,8 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
                        provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache,
                        max_memory=args.max_memory, input_shapes=args.input_shape or None,
                        block_size=args.block_size, recover=args.recover, recover_lr=args.recover_lr,
-                       recover_batch=args.recover_batch, recover_features=args.recover_features)
+                       recover_batch=args.recover_batch, recover_features=args.recover_features,
+                       recover_mix=args.recover_mix)
 
 
 def print_summary(rep: dict, output: str) -> None:

@@ -31,11 +31,12 @@ class PruneConfig:
     device: str = "cpu"
     steps: int = 1
     # recovery by distillation from the dense model (graphprune/recover.py): steps per round; None:
-    # AUTO_RECOVER_STEPS when --calib is given (and the criterion is not eigendamage), else off
+    # AUTO_RECOVER_STEPS when --calib is given, else off
     recover: int | None = None
     recover_lr: float = 1e-3
     recover_batch: int = 32
     recover_features: bool = False  # also match block-boundary activations the plan left whole
+    recover_mix: float = 0.5  # fraction of each recovery batch replaced by mixed calibration inputs
     max_memory: int | None = None  # bytes for curvature statistics (default: 80% of available RAM)
     block_size: int | None = None  # WoodFisher diagonal blocks (weights); None: the largest that fits max_memory
     # hardware-aware planning (--keep-latency)

@@ -210,6 +210,20 @@ def weights_from_bottleneck(values: dict[str, np.ndarray], entry: dict, view) ->
     return W if view.trans_b else W.T
 
 
+def check_ranks(values: dict[str, np.ndarray], entry: dict, view) -> str | None:
+    """None if the three weights have the shapes of the bottleneck the report records for this layer
+    (kept_rows R, kept_cols P), else the reason: the structure, whatever the values."""
+    qa, core, qs = (values[n] for n in entry["weights"])
+    R, P, C, M = entry.get("kept_rows"), entry.get("kept_cols"), view.cols // view.taps, view.out
+    if view.op == "Conv":
+        ones = (1,) * len(view.conv["kernel"])
+        ok = (qa.shape == (P, C, *ones) and core.shape == (R, P, *view.conv["kernel"])
+              and qs.shape == (M, R, *ones))
+    else:
+        ok = qa.shape == (C, P) and core.shape == (P, R) and qs.shape == (R, M)
+    return None if ok else f"{entry.get('layer')}: bottleneck weights do not have the reported ranks"
+
+
 def check_bottleneck(values: dict[str, np.ndarray], entry: dict, view, w_orig: np.ndarray, tol: float = 1e-4):
     """None if the three weights are orthonormal rotations around the original weight's projection
     (core = Q_S'ᵀ W Q_A'), else the reason. This ties the rewritten layer to the ORIGINAL weights."""

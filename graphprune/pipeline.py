@@ -90,7 +90,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     before_accuracy = accuracy_before(model, tr, config.eval_data, timings)
     n_recover = recovery_steps(config)
     if eigendamage.applies(config):
-        report, pruned = eigendamage.run(model, tr, config, path, out, timings)
+        report, pruned = eigendamage.run(model, tr, config, path, out, timings, recover_steps=n_recover)
     else:
         report, pruned = rounds.run(model, tr, config, path, out, timings, recover_steps=n_recover)
     return finish(report, before_accuracy, pruned, path, out, config, report_path, timings)

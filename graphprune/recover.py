@@ -54,6 +54,7 @@ class RecoverConfig:
     weight_decay: float = 0.0
     warmup: float = 0.1  # fraction of the steps with a linearly rising learning rate
     eval_every: int = 0  # 0: about 20 evaluations over the run
+    mix: float = 0.5  # fraction of each training batch replaced by mixed inputs (needs the dense model)
     seed: int = 0
     device: str = "cpu"
 
@@ -231,7 +232,8 @@ def teacher_targets(dense, inputs: dict[str, np.ndarray], names: list[str] = (),
 
 def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: list[np.ndarray],
             cfg: RecoverConfig, labels: np.ndarray | None = None, allowed: set[str] | None = None,
-            tag: str = "", features: dict[str, np.ndarray] | None = None) -> RecoverResult:
+            tag: str = "", features: dict[str, np.ndarray] | None = None,
+            dense: onnx.ModelProto | None = None) -> RecoverResult:
     """Distil ``pruned`` toward ``teacher`` (the dense outputs on ``inputs``). Returns trained values.
     ``features``: dense activations by tensor name; those the pruned model has at the same shape
     (block boundaries the plan left whole) are matched too (MSE over their variance)."""
@@ -278,6 +280,45 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         y = None if labels is None else torch.from_numpy(labels[idx.numpy()]).to(dev)
         return x, t, y
 
+    teach_tg = None
+    if cfg.mix > 0 and dense is not None:
+        teach_tg = TorchGraph(with_outputs(dense, list(feats)) if feats else dense, trainable=[],
+                              device=dp.local_device(cfg.device), share_weights=False)
+    mix_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    can_mix = (teach_tg is not None and labels is None
+               and all(np.issubdtype(v.dtype, np.floating) for v in inputs.values()))
+
+    def mix_plan(b: int):
+        """For the whole mini-batch (the same draws on every rank): the last k positions become
+        convex mixtures of their input and a partner position's, with weights lam."""
+        k = int(round(cfg.mix * b)) if can_mix and b >= 2 else 0
+        if not k:
+            return 0, None, None
+        return k, torch.randperm(b, generator=mix_gen)[:k], torch.rand(k, generator=mix_gen)
+
+    def mix_in(x, t, idx, share, k, partner, lam):
+        """Mix this rank's positions ``share`` of the batch ``idx`` per ``mix_plan``; the dense model
+        gives the targets of the mixed inputs on the fly (more distinct inputs than the file holds)."""
+        b = len(idx)
+        m = share >= b - k
+        if not bool(m.any()):
+            return x, t
+        j = share[m] - (b - k)
+        xo, _, _ = tensors(idx[partner[j]])
+        x = dict(x)
+        for name, v in x.items():
+            lv = lam[j].view((-1,) + (1,) * (v.ndim - 1)).to(v.device, v.dtype)
+            v = v.clone()
+            v[m] = lv * v[m] + (1 - lv) * xo[name]
+            x[name] = v
+        with torch.no_grad():
+            extra = teach_tg(**{name: v[m] for name, v in x.items()})
+        t = list(t)
+        for i, e in enumerate(extra):
+            t[i] = t[i].clone()
+            t[i][m] = e.to(t[i].dtype)
+        return x, t
+
     params = [tg.param(nm) for nm in names]
     start = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -323,11 +364,15 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
             perm, pos = torch.randperm(len(train), generator=gen), 0
         idx = train[perm[pos:pos + cfg.batch_size]]
         pos += cfg.batch_size
-        mine = idx[dp.shard(len(idx))]  # data parallel: this rank's share of the mini-batch
+        share = torch.arange(len(idx))[dp.shard(len(idx))]  # data parallel: this rank's share of the mini-batch
+        mine = idx[share]
+        k, partner, lam = mix_plan(len(idx))
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=dev)
         if len(mine):
             x, t, y = tensors(mine)
+            if k:
+                x, t = mix_in(x, t, idx, share, k, partner, lam)
             # the batch mean, split over the ranks: each share weighted by its size, gradients summed
             loss = objective(x, t, y) * (len(mine) / len(idx))
         if cfg.anchor and main:

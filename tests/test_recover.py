@@ -126,10 +126,34 @@ def test_recovery_is_on_by_default_with_calibration_data_only(tmp_path, unlabell
     assert rep["recovery"]["steps_per_round"] == 100
     with pytest.raises(UserError, match="--calib"):
         prune(SAMPLE, tmp_path / "c.onnx", PruneConfig(budget=Budget("flops", 0.5), recover=5))
-    with pytest.raises(UserError, match="eigendamage"):
-        prune(SAMPLE, tmp_path / "d.onnx", PruneConfig(criterion="eigendamage", budget=Budget("flops", 0.5),
-                                                       calib=unlabelled, recover=5))
-    assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "d.onnx").exists()
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_eigendamage_recovers_and_verifies(tmp_path, unlabelled):
+    """EigenDamage's bottleneck factors are trained with everything else; the report still verifies
+    (bottleneck ranks + the function of the original structure carrying the trained weights) and a
+    tampered bottleneck weight or a wrong rank is refused."""
+    from onnx import numpy_helper
+
+    out = tmp_path / "ed.onnx"
+    rep = prune(SAMPLE, out, PruneConfig(criterion="eigendamage", budget=Budget("flops", 0.4), calib=unlabelled,
+                                         recover=20, eval_data=TEST))
+    assert rep["recovery"]["rounds"][0]["best_step"] > 0  # training moved the weights
+    assert rep["verification"]["ok"] and rep["verification"]["structure"]["ok"]
+    trained = set(rep["compensated_tensors"])
+    assert any(w in trained for layer in rep["layers"] for w in layer["weights"])
+    report = json.loads(json.dumps(rep, default=str))
+    assert verify(SAMPLE, out, report)["ok"]
+    wrong = json.loads(json.dumps(report))
+    wrong["layers"][0]["kept_rows"] -= 1
+    assert not verify(SAMPLE, out, wrong)["ok"]
+    hidden = json.loads(json.dumps(report))
+    plain = next(n for n in hidden["compensated_tensors"] if not any(n in l["weights"] for l in hidden["layers"]))
+    hidden["compensated_tensors"].remove(plain)  # a trained weight passed off as the original's
+    bad = verify(SAMPLE, out, hidden)
+    assert not bad["ok"] and plain in bad["reason"]
+    report_untrained = {k: v for k, v in report.items() if k != "recovery"}
+    assert not verify(SAMPLE, out, report_untrained)["ok"]  # without recovery the factors must be the projection
 
 
 def test_labels_add_cross_entropy(tmp_path):

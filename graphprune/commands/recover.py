@@ -76,7 +76,7 @@ def run(args, common) -> int:
     before = evaluate(pruned, args.eval) if args.eval else None
     structure = _structure(pruned)
     cfg = RecoverConfig(steps=steps, lr=args.recover_lr, batch_size=args.recover_batch, seed=args.seed,
-                        device=args.device)
+                        device=args.device, mix=args.recover_mix)
     names, limit = [], 1 << 62
     if args.recover_features:
         from ..curvature.collect import available_bytes
@@ -84,7 +84,7 @@ def run(args, common) -> int:
 
         names, limit = branch_tensors(dense), int(0.25 * (available_bytes() or 1 << 34))
     teacher, features = teacher_targets(dense, data.inputs, names, limit)
-    res = recover(pruned, data.inputs, teacher, cfg, data.labels, features=features)
+    res = recover(pruned, data.inputs, teacher, cfg, data.labels, features=features, dense=dense)
     write_values(pruned, res.values)
     if _structure(pruned) != structure:
         raise RuntimeError("internal error: recovery changed the model's structure")

@@ -20,6 +20,7 @@ from ..tracer import Trace
 from .load import check_sizes, retrace, signature
 from .report import describe_groups, head, totals
 from .rewrite import checked
+from .recover import Recovery
 from .score import collect_statistics
 
 
@@ -27,13 +28,16 @@ def applies(config: PruneConfig) -> bool:
     return config.criterion == "eigendamage" and config.budget.kind != "lossless"
 
 
-def run(model: onnx.ModelProto, tr: Trace, config: PruneConfig, path, out, timings: dict) -> tuple[dict, onnx.ModelProto]:
-    """The report (without accuracy and timings) and the rewritten model."""
+def run(model: onnx.ModelProto, tr: Trace, config: PruneConfig, path, out, timings: dict, *,
+        recover_steps: int = 0) -> tuple[dict, onnx.ModelProto]:
+    """The report (without accuracy and timings) and the rewritten model; with ``recover_steps``
+    the bottleneck factors and every other weight are then distilled from the dense model."""
     from .. import eigendamage as ed
 
     ed.check_supported(config.budget)
     if config.steps != 1:
         raise UserError("--criterion eigendamage is one-shot (no --steps)")
+    recovery = Recovery(model, tr, config, recover_steps, timings) if recover_steps else None
     ctx = ScoringContext(tr)
     meta = collect_statistics(model, tr, ctx, config, {"kfac"}, timings)
     nodes = {n.name: n for n in tr.graph.nodes}
@@ -78,12 +82,26 @@ def run(model: onnx.ModelProto, tr: Trace, config: PruneConfig, path, out, timin
         if not res["ok"]:
             raise VerificationError(f"eigendamage bottlenecks differ from the projected original "
                                     f"(max rel error {res.get('max_rel_error', float('nan')):.3g}); nothing written")
+    if recovery is not None:
+        recovery.allowed |= {w for entry in layers for w in entry["weights"]}
+        trained = recovery.run(pruned, timings, "", config.eval_data)
+        report["recovery"] = recovery.report()
+        report["compensated_tensors"] = trained
+        if config.verify:
+            res = verify_eigendamage(model, tr, pruned, report, rtol=config.rtol, seed=config.seed)
+            report["verification"] = {**report["verification"], "structure": res}
+            if not res["ok"]:
+                raise VerificationError(f"recovered eigendamage model does not match the original's structure "
+                                        f"({res.get('reason') or res.get('max_rel_error')}); nothing written")
     return report, pruned
 
 
 def verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict, *, rtol: float, seed: int) -> dict:
     """The original carrying, for each rewritten layer, the product of its three bottleneck weights
-    must compute what PRUNED computes."""
+    must compute what PRUNED computes. Without recovery the factors must also be orthonormal
+    rotations around the original weight's projection and every other weight the original's; after
+    recovery (which trains them all) the factors' ranks and every other weight's shape are checked,
+    and the original graph carries PRUNED's trained values."""
     from onnx import numpy_helper
 
     from .. import eigendamage as ed
@@ -98,12 +116,35 @@ def verify_eigendamage(model, tr: Trace, pruned: onnx.ModelProto, report: dict, 
     layers = report.get("layers")
     if not isinstance(layers, list):
         raise UserError("report: eigendamage report without a 'layers' list")
+    recovered = bool(report.get("recovery"))
+    rewritten = set()
     for entry in layers:
         view = views.get(entry.get("layer")) if isinstance(entry, dict) else None
         if view is None or any(w not in values for w in entry.get("weights", [])) or len(entry.get("weights", [])) != 3:
             raise UserError("report does not describe this original/pruned pair (eigendamage layers differ)")
-        reason = ed.check_bottleneck(values, entry, view, np.asarray(tensors[view.weight].values))
+        if recovered:
+            reason = ed.check_ranks(values, entry, view)
+        else:
+            reason = ed.check_bottleneck(values, entry, view, np.asarray(tensors[view.weight].values))
         if reason:
             return {"ok": False, "reason": reason}
         tensors[view.weight].values = ed.weights_from_bottleneck(values, entry, view).astype(np.float32)
-    return compare(GraphModel(graph, model), pruned, seed=seed, rtol=rtol, **check_sizes(model, tr))
+        rewritten.add(view.weight)
+    if recovered:
+        trained = report.get("compensated_tensors", [])
+        if not isinstance(trained, list):
+            raise UserError("report: 'compensated_tensors' must be a list")
+        for name, t in tensors.items():
+            if not hasattr(t, "values") or name in rewritten or name not in values:
+                continue
+            if np.shape(t.values) != values[name].shape:
+                return {"ok": False, "reason": f"initializer {name!r} changed shape"}
+            if name in trained:
+                t.values = values[name]
+            elif not np.array_equal(np.asarray(t.values), values[name]):
+                return {"ok": False, "reason": f"initializer {name!r} is not the original's and not reported as trained"}
+    res = compare(GraphModel(graph, model), pruned, seed=seed, rtol=rtol, **check_sizes(model, tr))
+    if recovered:
+        res["note"] = ("weights retrained by recovery: checked each layer's bottleneck ranks and the function of "
+                       "the original structure carrying the trained weights, not their relation to the original values")
+    return res

@@ -16,16 +16,12 @@ from .verify import evaluate
 def recovery_steps(config: PruneConfig) -> int:
     """Recovery steps per round that ``config`` asks for (``recover=None``: automatic)."""
     if config.recover is None:
-        auto = (config.calib is not None and config.budget.kind != "lossless"
-                and config.criterion != "eigendamage")
+        auto = config.calib is not None and config.budget.kind != "lossless"
         return AUTO_RECOVER_STEPS if auto else 0
     if config.recover < 0:
         raise UserError(f"--recover must be >= 0 steps, got {config.recover}")
     if config.recover and config.calib is None:
         raise UserError("--recover distils from the dense model on the calibration inputs: give --calib FILE.npz")
-    if config.recover and config.criterion == "eigendamage":
-        raise UserError("--recover does not apply to --criterion eigendamage (its bottlenecks are verified as "
-                        "products of the original's weights); use --recover 0")
     return config.recover
 
 
@@ -48,7 +44,12 @@ class Recovery:
                                                       int(0.25 * (available_bytes() or 1 << 34)))
         self.allowed = {name for name, t in tr.graph.tensors().items() if hasattr(t, "values")}
         self.cfg = RecoverConfig(steps=steps, lr=config.recover_lr, batch_size=config.recover_batch,
-                                 seed=config.seed, device=config.device)
+                                 seed=config.seed, device=config.device, mix=config.recover_mix)
+        self.dense = None
+        if self.cfg.mix > 0:
+            from ..export import export_graph
+
+            self.dense = export_graph(tr.graph.copy(), model)  # before compensation touches the weights
         self.config = config
         self.rounds: list[dict] = []
         timings["recovery_teacher"] = time.perf_counter() - t
@@ -60,7 +61,7 @@ class Recovery:
         t = time.perf_counter()
         before = evaluate(pruned, eval_data) if eval_data else None
         res = recover(pruned, self.inputs, self.teacher, self.cfg, self.labels, self.allowed,
-                      tag=tag.replace("_", " "), features=self.features)
+                      tag=tag.replace("_", " "), features=self.features, dense=self.dense)
         write_values(pruned, res.values)
         entry = res.summary()
         if before is not None:
