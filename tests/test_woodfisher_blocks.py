@@ -273,6 +273,76 @@ def test_woodtaylor_is_the_constrained_minimum_of_the_quadratic_model():
                                        rtol=1e-3, atol=1e-4 * float(before.abs().max()))
 
 
+def test_woodtaylor_matches_the_loss_change_of_its_update(monkeypatch):
+    """Against brute force: with the Gauss-Newton targets the statistics drew (recorded), the loss is
+    exactly quadratic in the output layer, with Hessian A = E[r̃ r̃ᵀ] per output row (r̃: the hidden
+    units and the constant) and a gradient ḡ that is not zero (the sampled targets' noise; the output
+    layer is scaled down so that it matters). Removing hidden unit c with the woodtaylor update, the
+    loss measured in onnxruntime equals the exact minimum over the unit's block (KKT with A and ḡ);
+    the score is that plus the Newton gain ½ ḡ_Bᵀ A_B⁻¹ ḡ_B; woodfisher's update, which ignores ḡ,
+    does worse."""
+    import graphprune.curvature.data as D
+
+    rng = np.random.default_rng(1)
+    n, k, hdim, o = 3000, 6, 10, 4
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    w1, b1 = rng.standard_normal((hdim, k)), rng.standard_normal(hdim) * 0.5
+    w2, b2 = rng.standard_normal((o, hdim)) * 0.03, rng.standard_normal(o) * 0.1
+    model = mlp(w1, b1, w2, b2)
+    drawn, normal = [], D.SampleSeeds.normal
+
+    def spy(self, part, shape):
+        t = normal(self, part, shape)
+        drawn.append(t.numpy().copy())
+        return t
+
+    monkeypatch.setattr(D.SampleSeeds, "normal", spy)
+    tr, ctx = stats(model, x, None, "gauss-newton", {"woodfisher", "woodtaylor"}, 4, damping=1e-6, batch_size=500)
+    dense = run(model, {"x": x})[0].astype(np.float64)
+    target = dense + np.concatenate(drawn)
+
+    def loss(out):
+        return 0.5 * np.mean(np.sum((out - target) ** 2, 1))
+
+    haug = np.concatenate([np.maximum(x.astype(np.float64) @ w1.T + b1, 0), np.ones((n, 1))], 1)
+    A = haug.T @ haug / n
+    W = np.concatenate([w2, b2[:, None]], 1)
+    G = (dense - target).T @ haug / n  # the exact gradient of the output layer (o, hdim + 1)
+    g = hidden_group(tr)
+    view = next(v for v in ctx.views.values() if v.weight == "w2")
+    blk, _ = ctx.stats.layers[view.node].blocks.locate()
+    truth, gain = np.zeros(hdim), np.zeros(hdim)
+    measured = {"woodtaylor": np.zeros(hdim), "woodfisher": np.zeros(hdim)}
+    for c in range(hdim):
+        B = np.nonzero(blk == blk[c])[0]
+        q = list(B).index(c)
+        R = [i for i in range(len(B)) if i != q]
+        AB = A[np.ix_(B, B)]
+        for r in range(o):
+            gb, wb = G[r, B], W[r, B]
+            d = np.zeros(len(B))
+            d[q] = -wb[q]
+            d[R] = -np.linalg.solve(AB[np.ix_(R, R)], gb[R] + AB[R, q] * d[q])
+            truth[c] += gb @ d + 0.5 * d @ AB @ d
+            gain[c] += 0.5 * gb @ np.linalg.solve(AB, gb)
+        for method, out in measured.items():
+            upd = compensate(ctx, tr.kept_fn({int(tr.roots[tr.state.infos["h"].ids[c]])}), method)
+            m = with_w2(model, upd["w2"])
+            for init in m.graph.initializer:
+                if init.name == "b2":
+                    init.CopyFrom(numpy_helper.from_array(upd["b2"].astype(np.float32), "b2"))
+            out[c] = loss(run(m, {"x": x})[0].astype(np.float64)) - loss(dense)
+    scale = np.abs(truth).max()
+    assert np.sum(truth < 0) >= 3  # the gradient term decides here: removal with the update gains
+    np.testing.assert_allclose(measured["woodtaylor"], truth, rtol=0.05, atol=0.02 * scale)
+    crit = make_criterion("woodtaylor")
+    (v, _, cols), = [lu for lu in ctx.layer_units(g) if lu[2] is not None]
+    order = [int(tr.unit_pos[tr.roots[i]]) for i in tr.state.infos["h"].ids]
+    est = crit.cols(ctx, v, crit.weights(ctx, v), cols, g.size).numpy()[order]
+    np.testing.assert_allclose(est, truth + gain, rtol=0.1, atol=0.05 * scale)  # sampled Fisher ≈ A
+    assert np.all(measured["woodfisher"] > measured["woodtaylor"])
+
+
 # --------------------------------------------------------------------- memory of a ResNet-18
 def resnet18_views() -> dict[str, LayerView]:
     """The 21 convs and the fc of a ResNet-18 (BN folded: every conv has a bias)."""

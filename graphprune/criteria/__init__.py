@@ -1,5 +1,5 @@
-"""Criteria registry. Curvature criteria (taylor, fisher, kron-obd/obs, woodfisher, woodtaylor, eigendamage)
-plug in here with the same interface."""
+"""Criteria registry. Curvature criteria (taylor, taylor2, fisher, kron-obd/obs, woodfisher,
+woodtaylor, eigendamage) plug in here with the same interface."""
 from __future__ import annotations
 
 from .base import Criterion, ScoringContext, Slice

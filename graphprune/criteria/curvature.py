@@ -140,7 +140,8 @@ class Taylor(_LayerwiseCriterion):
     needs = frozenset({"grads"})
 
     def __init__(self) -> None:
-        self._sum: dict[int, np.ndarray] = {}
+        self._sum: dict[int, np.ndarray] = {}  # Σ_b (∂L_b/∂z)²
+        self._lin: dict[int, np.ndarray] = {}  # Σ_b ∂L_b/∂z
         self._batches = 0
 
     def on_batch(self, ctx: ScoringContext, tg) -> None:
@@ -161,10 +162,46 @@ class Taylor(_LayerwiseCriterion):
                     grads[view.node] = _t(view.canonical(wg))
                 gate += unit_sums(grads[view.node].sum(0), cols, g.size)
             self._sum[g.id] = self._sum.get(g.id, 0) + (gate ** 2).numpy()
+            self._lin[g.id] = self._lin.get(g.id, 0) + gate.numpy()
 
     def score(self, ctx: ScoringContext) -> dict[int, np.ndarray]:
         return {g.id: self._sum.get(g.id, np.zeros(g.size)) / max(self._batches, 1)
                 for g in ctx.trace.groups if g.prunable}
+
+
+class TaylorSO(Taylor):
+    """Molchanov 2019's second-order variant I⁽²⁾ (METHODS §2): the gate's loss change to second
+    order, ΔL_b ≈ −∂L_b/∂z + ½ ∂²L/∂z², with ∂²L/∂z² = w_Sᵀ H_S w_S taken diagonal from the Fisher
+    of per-sample gradients (the fisher criterion's statistics): h = ½ Σ_{i∈S} F_ii w_i² over the
+    same consumed slices S as the gate. I⁽²⁾ = (∂L_b/∂z − h)² per mini-batch, averaged over the
+    mini-batches like taylor's I⁽¹⁾ (for one mini-batch, its square root is |ΔL|'s estimate)."""
+
+    name = "taylor2"
+    needs = frozenset({"grads", "fisher_diag"})
+
+    def curvature_term(self, ctx: ScoringContext, g) -> np.ndarray:
+        """h = ½ Σ F_ii w_i² over the unit's consumed weights (OBD's column terms)."""
+        h = torch.zeros(g.size, dtype=DTYPE)
+        for view, _, cols in ctx.layer_units(g):
+            st = ctx.stats.layers.get(view.node) if ctx.stats is not None else None
+            if cols is None or st is None or st.fisher is None or st.n == 0:
+                continue
+            W = self._memo((view.node, "W"), lambda: self.weights(ctx, view))
+            h += unit_sums((0.5 * st.fisher.to(DTYPE) / st.n * W ** 2)[:, :-1].sum(0), cols, g.size)
+        return h.numpy()
+
+    def score(self, ctx: ScoringContext) -> dict[int, np.ndarray]:
+        self._memo_store = {}
+        b = max(self._batches, 1)
+        out = {}
+        for g in ctx.trace.groups:
+            if not g.prunable:
+                continue
+            h = self.curvature_term(ctx, g)
+            sq, lin = self._sum.get(g.id, np.zeros(g.size)), self._lin.get(g.id, np.zeros(g.size))
+            out[g.id] = np.maximum((sq - 2 * h * lin) / b + h * h, 0.0)  # mean_b (d_b − h)², expanded
+        self._memo_store = {}
+        return out
 
 
 class FisherOBD(_LayerwiseCriterion):
@@ -310,4 +347,4 @@ class WoodTaylor(WoodFisher):
         return W - block_newton(ctx.stats.layers[view.node])
 
 
-CURVATURE = {c.name: c for c in (Taylor, FisherOBD, KronOBD, KronOBS, WoodFisher, WoodTaylor)}
+CURVATURE = {c.name: c for c in (Taylor, TaylorSO, FisherOBD, KronOBD, KronOBS, WoodFisher, WoodTaylor)}
