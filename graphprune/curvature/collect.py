@@ -225,8 +225,6 @@ class _Accumulator:
                         st.fisher = torch.zeros(view.out, view.cols + 1, dtype=ACC_DTYPE, device=ds.device)
                     st.fisher[:, :view.cols].add_((gw.mul_(gw) if not wood else gw * gw).sum(0))
                     st.fisher[:, view.cols].add_((gb * gb).sum(0))
-                if wood:
-                    gs = gs[:, :, :st.blocks.length]  # without the bias column when the layer has none
                 if "woodtaylor" in needs:
                     gsum = gs.sum(0)
                     st.gsum = gsum if st.gsum is None else st.gsum + gsum
