@@ -102,6 +102,18 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _round_to(text: str):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 or auto, got {n}")
+    return n
+
+
 def add_recover_options(p: argparse.ArgumentParser, steps_flag: str = "--recover") -> None:
     rc = p.add_argument_group("recovery: distillation from the dense model on the --calib inputs")
     rc.add_argument(steps_flag, dest="recover", type=_recover_steps, default=None, metavar="STEPS",
@@ -132,7 +144,10 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     b.add_argument("--lossless", action="store_true", help="remove only channels proven identically zero")
     b.add_argument("--keep-latency", type=_ratio, metavar="F",
                    help="measured latency at most F x the dense model's (per-layer latency tables)")
-    pr.add_argument("--round-to", type=int, default=1, metavar="N", help="kept widths multiple of N")
+    pr.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
+                    help="kept widths multiple of N, or auto: each layer's width snapped to the fastest width "
+                         "not above the planned one, from measured latency tables of --provider at "
+                         "--latency-batch (default: auto for compress and --keep-latency, else 1)")
     pr.add_argument("--max-group-removal", type=float, default=0.9, metavar="F",
                     help="remove at most F of any group (default 0.9; never all of it)")
     pr.add_argument("--best-effort", action="store_true", help="prune as far as possible if the budget is unreachable")
@@ -177,6 +192,8 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     lt.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"),
                     help="onnxruntime provider to measure on (default cpu)")
     lt.add_argument("--latency-batch", type=int, default=8, metavar="B", help="batch size to measure at (default 8)")
+    lt.add_argument("--latency-threads", type=int, default=1, metavar="N",
+                    help="onnxruntime intra-op threads the latency tables and measurements use (default 1)")
     lt.add_argument("--latency-cache", metavar="FILE",
                     help="per-layer latency cache (default ~/.cache/graphprune/latency.json)")
 
@@ -251,7 +268,15 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
                             if v is not None), default_budget or (None, None))
         if kind is None:
             raise UserError("choose a budget: --keep-flops, --keep-params, --keep-channels, --keep-latency or --lossless")
-    budget = Budget(kind, ratio, cap=args.max_group_removal, round_to=args.round_to, best_effort=args.best_effort)
+    round_to = args.round_to
+    if round_to is None:  # compress and --keep-latency are about speed: hardware-friendly widths
+        round_to = "auto" if getattr(args, "command", None) == "compress" or kind == "latency" else 1
+    if args.latency_threads < 1:
+        raise UserError(f"--latency-threads must be >= 1, got {args.latency_threads}")
+    hardware = {"provider": args.provider, "batch": args.latency_batch, "cache": args.latency_cache,
+                "threads": args.latency_threads}
+    budget = Budget(kind, ratio, cap=args.max_group_removal, round_to=round_to, best_effort=args.best_effort,
+                    hardware=hardware)
     if args.samples < 1 or args.batch_size < 1 or args.steps < 1 or args.latency_batch < 1:
         raise UserError("--samples, --batch-size, --steps and --latency-batch must be >= 1")
     if args.recover_batch < 1:

@@ -54,9 +54,13 @@ AUTO_RECOVER_STEPS = 100
 
 
 def resolved(config: PruneConfig) -> PruneConfig:
-    """``config`` with ``criterion="auto"`` replaced by what it means for this run."""
+    """``config`` with ``criterion="auto"`` replaced by what it means for this run, and a
+    ``round_to="auto"`` budget told where to measure (the provider, batch and cache of the config)."""
     from dataclasses import replace
 
     if config.criterion == "auto":
-        return replace(config, criterion=AUTO_CRITERION if config.calib is not None else "magnitude")
+        config = replace(config, criterion=AUTO_CRITERION if config.calib is not None else "magnitude")
+    if config.budget.round_to == "auto" and config.budget.hardware is None:
+        config = replace(config, budget=replace(config.budget, hardware={
+            "provider": config.provider, "batch": config.latency_batch, "cache": config.latency_cache}))
     return config

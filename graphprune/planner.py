@@ -20,17 +20,33 @@ class Budget:
     kind: str
     ratio: float = 1.0
     cap: float = 0.9  # at most this fraction of any group is removed (never all of it)
-    round_to: int = 1  # kept widths (in channels) rounded to a multiple of this
+    #: kept widths (in channels) rounded to a multiple of this; "auto": each group's width snapped to
+    #: the fastest width not above the planned one, from measured per-layer latency staircases, and
+    #: channels chosen by loss per measured millisecond saved; None: "auto" for a latency budget, else 1
+    round_to: int | str | None = None
     best_effort: bool = False  # prune as far as possible instead of failing when unreachable
+    #: where "auto" measures: LatencyTable keyword arguments (provider, batch, cache, threads,
+    #: precision); None: CPU provider, batch 8, the default cache
+    hardware: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.round_to is None:
+            self.round_to = "auto" if self.kind == "latency" else 1
+        if isinstance(self.round_to, str):
+            if self.round_to.strip().lower() != "auto":
+                try:
+                    self.round_to = int(self.round_to)
+                except ValueError:
+                    raise UserError(f"--round-to must be a positive integer or auto, got {self.round_to!r}") from None
+            else:
+                self.round_to = "auto"
         if self.kind not in ("flops", "params", "channels", "lossless", "latency"):
             raise UserError(f"unknown budget kind {self.kind!r}")
         if self.kind != "lossless" and not 0.0 < self.ratio <= 1.0:
             raise UserError(f"budget ratio must be in (0, 1], got {self.ratio}")
         if not 0.0 <= self.cap < 1.0:
             raise UserError(f"--max-group-removal must be in [0, 1), got {self.cap}")
-        if self.round_to < 1:
+        if self.round_to != "auto" and self.round_to < 1:
             raise UserError(f"--round-to must be >= 1, got {self.round_to}")
 
 
@@ -41,9 +57,22 @@ class Plan:
     after: dict[str, float]
     budget_met: bool
     notes: list[str] = field(default_factory=list)
+    #: with round_to "auto": per group {"group", "planned", "snapped", "final"} widths (channels) and
+    #: the candidate widths' measured latency (ms, summed over the group's layers)
+    snapped: list[dict] = field(default_factory=list)
+    snap_info: dict = field(default_factory=dict)
 
 
-def _step(group, round_to: int) -> int:
+#: round_to "auto" under a MACs or params budget: rank channels by loss per measured millisecond saved
+#: (a MAC removed from a narrow, high-resolution layer buys far less time than one removed from a wide
+#: layer), stopping when the budget is met
+RANK_BY_LATENCY = True
+RANK_BUDGET_WEIGHT = 0.05
+
+
+def _step(group, round_to) -> int:
+    if round_to == "auto":  # planned per unit, snapped to measured widths afterwards
+        return 1
     return round_to // math.gcd(round_to, group.channels_per_unit)
 
 
@@ -63,6 +92,7 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
     """latency_table (graphprune.latency.LatencyTable) is required for budget kind "latency": the
     ratio then applies to the sum of the measured per-layer latencies."""
     cm = CostModel(trace)
+    own_table = None  # a table made here (round_to "auto" without one given) is saved here
     if budget.kind == "latency":
         if latency_table is None:
             raise ValueError("a latency budget needs a latency table")
@@ -106,11 +136,26 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
     else:
         kind = {"flops": "macs", "params": "params", "latency": "latency"}[budget.kind]
         target = budget.ratio * before[kind]
-        met = _greedy(trace, scores, queues, cm, kind, target, take)
+        rank = None
+        if budget.round_to == "auto" and kind != "latency" and RANK_BY_LATENCY:
+            from .latency import LatencyTable
+
+            if latency_table is None:
+                latency_table = own_table = LatencyTable(**(budget.hardware or {}), shapes=trace.input_shapes)
+            if cm.add_latency(latency_table):
+                rank = "latency"
+        met = _greedy(trace, scores, queues, cm, kind, target, take, rank)
         if met:
             _refill(trace, scores, taken, removed, cm, kind, target)
+    snapped, snap_info = [], {}
+    if budget.round_to == "auto" and budget.kind != "lossless" and removed:
+        kind = {"flops": "macs", "params": "params", "latency": "latency"}.get(budget.kind)
+        target = budget.ratio * before[kind] if kind else None
+        snapped, snap_info = _snap(trace, scores, removed, cm, budget, kind, target if met else None, latency_table)
+    if own_table is not None:
+        own_table.save()
     plan = Plan({g: np.array(sorted(v), dtype=np.int64) for g, v in removed.items() if v},
-                before, dict(cm.totals), met)
+                before, dict(cm.totals), met, snapped=snapped, snap_info=snap_info)
     if not met:
         kind = {"flops": "macs", "params": "params", "latency": "latency"}[budget.kind]
         frozen = _frozen_share(trace, cm, kind)
@@ -123,12 +168,22 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
     return plan
 
 
-def _greedy(trace, scores, queues, cm: CostModel, kind: str, target: float, take) -> bool:
-    """Lazy greedy: remove the block with the lowest score per unit of cost saved, re-checking a
-    block's ratio when it reaches the top (savings shrink as neighbouring layers shrink)."""
+def _greedy(trace, scores, queues, cm: CostModel, kind: str, target: float, take, rank: str | None = None) -> bool:
+    """Lazy greedy: remove the block with the lowest score per unit of cost saved (``rank``: the cost
+    the ranking uses, default ``kind``), re-checking a block's ratio when it reaches the top (savings
+    shrink as neighbouring layers shrink), until ``kind`` is at most ``target``."""
+    rank = rank or kind
+
+    def saved(roots) -> float:
+        if rank == kind:
+            return -cm.delta(roots, kind)
+        # measured time first; a little of the budget's own cost so that blocks whose measured saving
+        # is nil (flat or noisy tables) still count for what they save of the budget
+        time_saved = max(0.0, -cm.delta(roots, rank)) / max(cm.full[rank], 1e-12)
+        return time_saved + RANK_BUDGET_WEIGHT * -cm.delta(roots, kind) / max(cm.full[kind], 1e-12)
 
     def priority(gid: int, block: np.ndarray) -> float:
-        saving = -cm.delta(trace.groups[gid].units[block], kind)
+        saving = saved(trace.groups[gid].units[block])
         s = float(np.sum(scores[gid][block]))
         return math.inf if saving <= 0 else s / saving
 
@@ -184,3 +239,111 @@ def _frozen_share(trace: Trace, cm: CostModel, kind: str) -> float:
         if not any(set(cm.arrays[a].tolist()) & prunable_roots for a in t.arrays):
             fixed += t.value([len(cm.arrays[a]) for a in t.arrays])
     return fixed / max(cm.full[kind], 1.0)
+
+
+def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: Budget, kind: str | None,
+          target: float | None, table=None) -> tuple[list[dict], dict]:
+    """``--round-to auto``: snap every pruned group's kept width to the fastest width not above the
+    planned one, read from the measured latency staircase of the layers the group feeds and is fed
+    by (a few candidate widths per layer axis, see graphprune.latency), then spend what snapping
+    saved: put back the most valuable removed units of any group, a whole step of its staircase at a
+    time, while the budget (``target`` of ``kind``) still holds. Edits ``removed`` and ``cm``."""
+    import time
+
+    from .latency import LatencyTable, candidate_widths, frontier, layer_spec, snap_width
+
+    t0 = time.perf_counter()
+    own = table is None
+    if own:
+        table = LatencyTable(**(budget.hardware or {}), shapes=trace.input_shapes)
+    measured0, seconds0 = table.measured, table.seconds
+    # every timed layer axis: (spec, axis, its id array, the other axis' id array or None)
+    axes: dict[int, list[tuple[dict, str, int | None]]] = {}
+    for layer in trace.state.layers:
+        spec = layer_spec(trace, layer)
+        if spec is None:
+            continue
+        arrs = [None if ids is None else cm._array(ids) for ids in (layer.out_ids, layer.in_ids)]
+        for k, axis in enumerate(("out", "in")):
+            if arrs[k] is not None:
+                axes.setdefault(arrs[k], []).append((spec, axis, arrs[1 - k]))
+
+    orders, states = {}, {}
+    for gid in sorted(removed):
+        g = trace.groups[gid]
+        if not removed[gid]:
+            continue
+        touched: dict[int, float] = {}
+        for r in g.units:
+            for a, c in cm.unit_arrays.get(int(r), ()):
+                touched[a] = touched.get(a, 0.0) + c
+        touched = {a: c / g.size for a, c in touched.items() if a in axes}  # channels per unit, per array
+        if not touched:
+            continue
+        cpu = g.channels_per_unit
+        max_remove = min(int(math.floor(budget.cap * g.size)), g.size - g.min_keep)
+        lowest = g.size - max_remove
+        kept = g.size - len(removed[gid])
+        cands = [w // cpu for w in candidate_widths(kept * cpu, g.size * cpu, cpu, lowest * cpu)]
+        ms = {c: 0.0 for c in cands}
+        for a, per_unit in touched.items():
+            widths = {c: int(round(cm.count[a] + (c - kept) * per_unit)) for c in cands}
+            for spec, axis, other in axes[a]:
+                weight = 1.0 if other is None else cm.count[other] / max(len(cm.arrays[other]), 1)
+                got = table.axis_times(spec, axis, widths.values())
+                for c in cands:
+                    ms[c] += weight * got.get(widths[c], float("nan"))
+        ms = {c: v for c, v in ms.items() if v == v}
+        if len(ms) < 2:
+            continue
+        order = np.argsort(np.asarray(scores[gid], dtype=np.float64), kind="stable")
+        orders[gid] = order
+        target_units = snap_width(kept, ms, lowest)
+        if target_units < kept:
+            block = order[len(removed[gid]):len(removed[gid]) + kept - target_units]
+            roots = g.units[block]
+            if cm.allowed(roots):
+                cm.remove(roots)
+                removed[gid].extend(block.tolist())
+        states[gid] = {"group": gid, "planned": kept * cpu, "snapped": (g.size - len(removed[gid])) * cpu,
+                       "frontier": [c * cpu for c in frontier(ms)], "candidates_ms": {str(c * cpu): round(float(v), 4)
+                                                                                      for c, v in sorted(ms.items())}}
+    # spend what snapping saved: whole staircase steps of the most valuable removed units
+    refills = 0
+    while kind is not None and target is not None:
+        best, best_p = None, -math.inf
+        for gid, st in states.items():
+            g = trace.groups[gid]
+            cpu = g.channels_per_unit
+            kept = g.size - len(removed[gid])
+            ups = [f // cpu for f in st["frontier"] if f // cpu > kept]
+            if not ups:
+                continue
+            n_rem, add = len(removed[gid]), min(ups) - kept
+            if add > n_rem:
+                continue
+            block = np.asarray(removed[gid][n_rem - add:], dtype=np.int64)
+            extra = cm.delta(g.units[block], kind, sign=+1)
+            if cm.totals[kind] + extra > target * (1 + 1e-9):
+                continue
+            p = math.inf if extra <= 0 else float(np.sum(np.asarray(scores[gid])[block])) / extra
+            if p > best_p:
+                best, best_p = (gid, block), p
+        if best is None:
+            break
+        gid, block = best
+        cm.restore(trace.groups[gid].units[block])
+        del removed[gid][len(removed[gid]) - len(block):]
+        refills += 1
+    out = []
+    for gid, st in states.items():
+        g = trace.groups[gid]
+        st["final"] = (g.size - len(removed[gid])) * g.channels_per_unit
+        out.append(st)
+    if own:
+        table.save()
+    info = {"provider": table.provider, "device": table.device, "batch": table.batch, "threads": table.threads,
+            "precision": table.precision, "cache": str(table.cache_path),
+            "layer_axes_measured": table.measured - measured0, "measure_seconds": round(table.seconds - seconds0, 3),
+            "seconds": round(time.perf_counter() - t0, 3), "refill_steps": refills}
+    return out, info

@@ -27,8 +27,8 @@ class LatencyRound:
 
         config = self.config
         t = time.perf_counter()
-        table = LatencyTable(config.provider, config.latency_batch, config.latency_cache,
-                                          shapes=tr.input_shapes)
+        table = LatencyTable(**{"provider": config.provider, "batch": config.latency_batch,
+                                "cache": config.latency_cache, **(budget.hardware or {})}, shapes=tr.input_shapes)
         dense_model = export_graph(tr.graph.copy(), model)  # the original as deployed (before any compensation)
         ratio, attempts, best = budget.ratio, [], None
         for attempt in range(config.latency_attempts):
@@ -43,11 +43,12 @@ class LatencyRound:
             attempts.append({"layer_budget": round(ratio, 4), "layers_ms_before": plan.before["latency"],
                              "layers_ms_predicted": plan.after["latency"],
                              "predicted_ms": dense * plan.after["latency"] / max(plan.before["latency"], 1e-9),
-                             "measured_ms": measured})
+                             "measured_ms": measured, "measured_speedup_ci": table.last_pair["speedup_ci"],
+                             "measured_runs": table.last_pair["runs"]})
             log.info(f"latency attempt {attempt + 1}: layer budget {ratio:.3f}, measured {measured:.3f} ms "
                      f"(target {target:.3f} ms)")
             error = abs(measured / target - 1)
-            within = 0.9 * target <= measured <= target
+            within = 0.95 * target <= measured <= 1.05 * target  # ±5% of the target
             if best is None or (within and not best[2]) or (within == best[2] and error < best[0]):
                 best = (error, (res, measured, dense, target, attempts[-1]["predicted_ms"]), within)
             if within:
@@ -57,10 +58,12 @@ class LatencyRound:
         timings[tag + "latency_tables_measured_s"] = table.seconds
         table.save()
         res, measured, dense, target, predicted = best[1]
-        met = measured <= target * 1.1
+        met = measured <= target * 1.05
         res.latency = {"provider": config.provider, "device": table.device, "batch": config.latency_batch,
                        "dense_ms": dense, "target_ms": target, "measured_ms": measured, "predicted_ms": predicted,
-                       "attempts": attempts, "cache": str(table.cache_path), "layers_measured": table.measured}
+                       "attempts": attempts, "cache": str(table.cache_path), "layers_measured": table.measured,
+                       "threads": table.threads, "round_to": budget.round_to,
+                       "widths": res.plan.snapped}  # round_to auto: per group the planned and snapped width
         res.plan.budget_met = met
         res.plan.notes = []  # the layer-sum budget is internal; only the measured target counts
         if not met:
