@@ -40,7 +40,7 @@ MODELS = {
     "mobilenet_v2": "samples/digits_mobilenet_v2.onnx",
     "densenet": "samples/digits_densenet.onnx",
 }
-CRITERIA = ["magnitude", "taylor", "fisher", "kron-obd", "kron-obs", "woodfisher", "eigendamage",
+CRITERIA = ["magnitude", "taylor", "taylor2", "fisher", "kron-obd", "kron-obs", "woodfisher", "eigendamage",
             "eigendamage-channel"]
 BUDGETS = [0.5, 0.3]
 COMPENSATIONS = ["off", "default"]
