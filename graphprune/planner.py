@@ -308,6 +308,9 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
         states[gid] = {"group": gid, "planned": kept * cpu, "snapped": (g.size - len(removed[gid])) * cpu,
                        "frontier": [c * cpu for c in frontier(ms)], "candidates_ms": {str(c * cpu): round(float(v), 4)
                                                                                       for c, v in sorted(ms.items())}}
+        states[gid]["lowest"] = lowest * cpu
+    if kind is not None and target is not None:
+        _lift_stuck(trace, scores, removed, cm, states, orders, kind, target)
     # spend what snapping saved: whole staircase steps of the most valuable removed units
     refills = 0
     while kind is not None and target is not None:
@@ -339,6 +342,7 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
     for gid, st in states.items():
         g = trace.groups[gid]
         st["final"] = (g.size - len(removed[gid])) * g.channels_per_unit
+        st.pop("lowest", None)
         out.append(st)
     if own:
         table.save()
@@ -347,3 +351,59 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
             "layer_axes_measured": table.measured - measured0, "measure_seconds": round(table.seconds - seconds0, 3),
             "seconds": round(time.perf_counter() - t0, 3), "refill_steps": refills}
     return out, info
+
+
+def _lift_stuck(trace, scores, removed, cm: CostModel, states: dict, orders: dict, kind: str, target: float) -> None:
+    """A group whose planned width is off its staircase's frontier but cannot go down (the per-group
+    cap) is lifted to the next frontier width (the same time, more channels); what that costs of the
+    budget is taken from other groups, a whole step down their frontier at a time (lowest score per
+    cost first). If the budget cannot be restored so, the lift is undone."""
+    def kept(gid):
+        return trace.groups[gid].size - len(removed[gid])
+
+    for gid, st in states.items():
+        g = trace.groups[gid]
+        cpu = g.channels_per_unit
+        if kept(gid) * cpu in st["frontier"] or st["snapped"] != st["planned"]:
+            continue
+        ups = [f // cpu for f in st["frontier"] if f // cpu > kept(gid)]
+        if not ups:
+            continue
+        n_rem = len(removed[gid])
+        block = np.asarray(removed[gid][n_rem - (min(ups) - kept(gid)):], dtype=np.int64)
+        journal = [(gid, block, +1)]
+        cm.restore(g.units[block])
+        del removed[gid][n_rem - len(block):]
+        while cm.totals[kind] > target * (1 + 1e-9):
+            best, best_p = None, math.inf
+            for other, ost in states.items():
+                if other == gid:
+                    continue
+                og = trace.groups[other]
+                ocpu = og.channels_per_unit
+                downs = [f // ocpu for f in ost["frontier"] if ost["lowest"] <= f < kept(other) * ocpu]
+                if not downs:
+                    continue
+                n = len(removed[other])
+                step = orders[other][n:n + kept(other) - max(downs)]
+                roots = og.units[step]
+                saving = -cm.delta(roots, kind)
+                if saving <= 0 or not cm.allowed(roots):
+                    continue
+                p = float(np.sum(np.asarray(scores[other])[step])) / saving
+                if p < best_p:
+                    best, best_p = (other, step), p
+            if best is None:  # cannot pay for the lift: undo everything it did
+                for jg, jb, sign in reversed(journal):
+                    roots = trace.groups[jg].units[jb]
+                    if sign > 0:
+                        cm.remove(roots)
+                        removed[jg].extend(jb.tolist())
+                    else:
+                        cm.restore(roots)
+                        del removed[jg][len(removed[jg]) - len(jb):]
+                break
+            other, step = best
+            cm.remove(trace.groups[other].units[step])
+            removed[other].extend(step.tolist())
+            journal.append((other, step, -1))

@@ -53,7 +53,7 @@ class LatencyRound:
                 best = (error, (res, measured, dense, target, attempts[-1]["predicted_ms"]), within)
             if within:
                 break
-            ratio = float(min(1.0, max(0.01, ratio * target / measured)))
+            ratio = float(min(0.99, max(0.01, ratio * target / measured)))  # 1.0 would remove nothing
         timings[tag + "latency_planning"] = time.perf_counter() - t
         timings[tag + "latency_tables_measured_s"] = table.seconds
         table.save()
