@@ -194,6 +194,9 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     lt.add_argument("--latency-batch", type=int, default=8, metavar="B", help="batch size to measure at (default 8)")
     lt.add_argument("--latency-threads", type=int, default=1, metavar="N",
                     help="onnxruntime intra-op threads the latency tables and measurements use (default 1)")
+    lt.add_argument("--latency-precision", choices=("fp32", "fp16"), default="fp32",
+                    help="precision the latency tables are measured in (fp16: fp16 layers; TensorRT builds fp16 "
+                         "engines); default fp32")
     lt.add_argument("--latency-cache", metavar="FILE",
                     help="per-layer latency cache (default ~/.cache/graphprune/latency.json)")
 
@@ -274,7 +277,7 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
     if args.latency_threads < 1:
         raise UserError(f"--latency-threads must be >= 1, got {args.latency_threads}")
     hardware = {"provider": args.provider, "batch": args.latency_batch, "cache": args.latency_cache,
-                "threads": args.latency_threads}
+                "threads": args.latency_threads, "precision": args.latency_precision}
     budget = Budget(kind, ratio, cap=args.max_group_removal, round_to=round_to, best_effort=args.best_effort,
                     hardware=hardware)
     if args.samples < 1 or args.batch_size < 1 or args.steps < 1 or args.latency_batch < 1:

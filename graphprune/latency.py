@@ -113,10 +113,12 @@ class LatencyTable:
         self.precision = precision
         self.io_binding = (provider != "cpu") if io_binding is None else io_binding
         self.cache_path = Path(cache) if cache else default_cache()
-        self.device = device_name(provider)
-        # fp32 on one thread count keeps the key it always had (caches stay valid); others add theirs
+        # keyed by the provider that really runs (a CUDA request on a CPU-only build measures the CPU)
+        used = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}.get(
+            self._provider_list()[0], "cpu")
+        self.device = device_name(used)
         extra = ("" if precision == "fp32" else f"|{precision}") + f"|t{self.threads}"
-        self.prefix = f"{provider}|{self.device}|ort{ort.__version__}|b{batch}" + extra
+        self.prefix = f"{used}|{self.device}|ort{ort.__version__}|b{batch}" + extra
         try:
             self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         except (OSError, json.JSONDecodeError):

@@ -147,7 +147,8 @@ def test_cli_defaults_and_config(tmp_path):
     lat = p.parse_args(["prune", "m.onnx", "-o", "o.onnx", "--keep-latency", "0.5", "--provider", "cuda",
                         "--latency-batch", "4", "--latency-threads", "2"])
     b = config_from_args(lat).budget
-    assert b.round_to == "auto" and b.hardware == {"provider": "cuda", "batch": 4, "cache": None, "threads": 2}
+    assert b.round_to == "auto" and b.hardware == {"provider": "cuda", "batch": 4, "cache": None, "threads": 2,
+                                                   "precision": "fp32"}
     explicit = p.parse_args(["compress", "m.onnx", "-o", "o.onnx", "--round-to", "16"])
     assert config_from_args(explicit, default_budget=("flops", 0.5)).budget.round_to == 16
     with pytest.raises(SystemExit):
