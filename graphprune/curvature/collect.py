@@ -168,6 +168,28 @@ def _acc(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return total.add_(part)
 
 
+#: rows of one block of the symmetric product m mᵀ (see _gram_into)
+GRAM_BLOCK = 384
+
+
+def _gram_into(A: torch.Tensor, m: torch.Tensor) -> None:
+    """A[:c, :c] += m mᵀ for m (c, K), computing only the blocks on and above the diagonal (the
+    others are their transposes): (nb + 1) / (2 nb) of the multiply-adds with nb blocks of about
+    GRAM_BLOCK rows (on a ResNet-50 3x3 conv's 4,608 columns, 0.54 of them; about half the time)."""
+    c = m.shape[0]
+    nb = max(1, -(-c // GRAM_BLOCK))
+    b = -(-c // nb)
+    for i in range(0, c, b):
+        i1 = min(i + b, c)
+        mi = m[i:i1]
+        for j in range(i, c, b):
+            j1 = min(j + b, c)
+            blk = mi @ m[j:j1].T
+            A[i:i1, j:j1].add_(blk)
+            if j != i:
+                A[j:j1, i:i1].add_(blk.T)
+
+
 class _Accumulator:
     def __init__(self, views: dict[str, LayerView], needs: set[str], total: int, damping: float,
                  chunk: int = 8, block_size: int | None = None) -> None:
@@ -254,10 +276,14 @@ class _Accumulator:
                 st.Ag[:, c, c].add_(k * t)
             core, asum = per.sum(0), sums.sum(0)
         else:
-            core, asum = torch.einsum("ngit,ngjt->ij", a, a), a.sum((0, 1, 3))
+            core, m = None, a.permute(2, 0, 1, 3).reshape(c, -1)  # (c, N·T): a view for Gemm/MatMul inputs
+            asum = m.sum(1)
         if st.A is None:
             st.A = torch.zeros(c + 1, c + 1, dtype=ACC_DTYPE, device=a.device)
-        st.A[:c, :c].add_(core)
+        if core is None:
+            _gram_into(st.A, m)
+        else:
+            st.A[:c, :c].add_(core)
         st.A[:c, c].add_(asum)
         st.A[c, :c].add_(asum)
         st.A[c, c] += k * groups * t
