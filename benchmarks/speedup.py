@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-time", type=float, default=120.0, help="seconds of timed runs per measurement at most")
     ap.add_argument("--runs", type=int, default=20, help="timed runs per model before the interval is checked")
     ap.add_argument("--quantile", type=float, default=0.5, help="speed-ups compare this quantile (default p50)")
-    ap.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "results", "speedup_work"),
+    ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "graphprune", "speedup"),
                     help="models, reports, latency cache and per-row results (resumable)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speedup"))
     ap.add_argument("--fresh", action="store_true", help="re-run rows that already have results")
