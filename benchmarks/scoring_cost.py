@@ -14,10 +14,12 @@ loaded model: ``base_rss_mb`` is the resident size right before the measured wor
     the TorchScript export of that very module, so the weights are the same; BatchNorm stays a module
     in eval mode where the export folded it into the conv);
 (c) ``stats:<criterion>``: graphprune's own code path (pipeline.collect_statistics with the criterion's
-    needs and those of its default compensation, then the criterion's score; eigendamage: the K-FAC
-    statistics and the eigendecompositions), plus ``fisher-nocomp`` (fisher's statistics alone) and
-    the OBS compensation of a --keep-flops 0.5 plan (``compensate_s``); ``fisher-obsA``: fisher with the
-    ``kfac_a`` need (input factors only) in place of ``kfac`` for its layer-wise OBS compensation.
+    needs and those of its default compensation, for the layers the criterion scores, as the score
+    stage calls it; then the criterion's score; eigendamage: the K-FAC statistics of every layer and
+    the eigendecompositions), plus ``fisher-nocomp`` (fisher's statistics alone) and the OBS
+    compensation of a --keep-flops 0.5 plan (``compensate_s``). ``fisher-obsA`` (asked for by name):
+    fisher with the ``kfac_a`` need only, which is what fisher's default compensation asks for since
+    f0592f9 (rows of earlier runs).
 
 Writes benchmarks/results/scoring_cost.{json,md}: seconds, peak memory, and the ratios (c)/(a) and
 (a)/(b). The machine's load average is recorded before and after each measurement: on a shared
@@ -214,7 +216,7 @@ def measure(kind: str, name: str, onnx_path: str, calib: str, samples: int, batc
             needs = needs - {"kfac"} | {"kfac_a"}  # what layer-wise OBS reads: the input factors only
         entry["needs"], entry["compensation"] = sorted(needs), method
         c = _cpu()
-        meta = collect_statistics(model, tr, ctx, config, needs, timings,
+        meta = collect_statistics(model, tr, ctx, config, needs, timings, scored_only=True,
                                   on_batch=lambda g: criterion.on_batch(ctx, g))
         entry["statistics_s"], entry["statistics_cpu_s"] = timings["statistics"], _cpu() - c
         t = time.perf_counter()
@@ -298,10 +300,13 @@ def markdown(data: dict) -> str:
              "statistics are one cold pass too, TorchGraph build included); (a)/(b) compares the faster of each "
              "one's two passes (the least disturbed by other jobs).", "",
              "(a) executor forward+backward, (b) native PyTorch forward+backward, (c) statistics (graphprune's "
-             "collect_statistics for the criterion and its default compensation; `fisher-nocomp`: fisher's own "
+             "collect_statistics for the criterion and its default compensation, since 81f8237 for the layers the "
+             "criterion scores, as the score stage calls it; `fisher-nocomp`: fisher's own "
              "statistics only; `fisher-obsA`: fisher's and only the input factors A of its OBS compensation, which "
-             "is all compensate() reads for obs: the `kfac_a` need), score = the criterion's scoring afterwards, comp = OBS compensation of a "
-             "--keep-flops 0.5 plan.", ""]
+             "is all compensate() reads for obs: the `kfac_a` need, fisher's default since f0592f9), score = the "
+             "criterion's scoring afterwards, comp = OBS compensation of a --keep-flops 0.5 plan. Rows marked "
+             "@earlier are from runs before the last code change of the model's table; `CPU s` is blank for runs "
+             "that recorded wall time only.", ""]
     for name, res in data["models"].items():
         a, b = res.get("executor", {}), res.get("native", {})
         lines += [f"## {name}: {DESCRIPTION.get(name, '')}", "",
@@ -382,7 +387,7 @@ def main(argv=None) -> None:
             kinds = [] if args.skip_base else ["executor", "native"]
             crits = [c for c in args.criteria.split(",") if c and c != "none"]
             for kind in kinds + [f"stats:{c}" for c in crits] + (
-                    ["stats:fisher-nocomp", "stats:fisher-obsA"] if "fisher" in crits else []):
+                    ["stats:fisher-nocomp"] if "fisher" in crits else []):
                 res[kind] = run_one(kind, name, onnx_path, calib, args)
             data["models"][name] = res
             data["env"]["load_end"] = round(os.getloadavg()[0], 2)
@@ -393,8 +398,7 @@ def main(argv=None) -> None:
             with open(args.out + ".md", "w") as fh:
                 fh.write(markdown(data) + "\n")
     lines = []
-    for kind, what in (("stats:fisher", "fisher with its default OBS compensation's statistics (K-FAC A and S)"),
-                       ("stats:fisher-obsA", "fisher with the input factors A only (all that layer-wise OBS reads)"),
+    for kind, what in (("stats:fisher", "fisher with its default OBS compensation's statistics (the input factors A)"),
                        ("stats:fisher-nocomp", "fisher alone (--no-compensate)")):
         ocr = data["models"].get("ocr", {}).get(kind)
         if ocr and "error" not in ocr:
