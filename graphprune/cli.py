@@ -330,8 +330,10 @@ def print_summary(rep: dict, output: str) -> None:
         if last is not None:
             held = (f"; held-out distillation loss {last['holdout_loss_before']:.4g} -> {last['holdout_loss_after']:.4g}"
                     if last.get("holdout_loss_before") is not None and last["samples"].get("holdout") else "")
+            source = ("; labels used (cross-entropy)" if last.get("labels")
+                      else "; no labels in the calibration file: distillation only")
             print(f"recovered: {rec['steps_per_round']} steps per round (kept step {last['best_step']}), "
-                  f"{len(last['tensors'])} tensors trained{held}")
+                  f"{len(last['tensors'])} tensors trained{held}{source}")
     if "accuracy" in rep:
         a = rep["accuracy"]
         one_shot = f" (before recovery {a['before_recovery']:.2%})" if "before_recovery" in a else ""

@@ -42,6 +42,10 @@ TRAINED_INPUTS = {
 _SHAPE_ONLY = {"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
 
 
+#: fewest calibration inputs recovery accepts: 1/8 of them (at least one) is the held-out slice
+MIN_INPUTS = 8
+
+
 @dataclass
 class RecoverConfig:
     steps: int = 100
@@ -69,13 +73,16 @@ class RecoverResult:
     samples: dict = field(default_factory=dict)
     processes: int = 1  # data-parallel ranks (torchrun)
     features: list[str] = field(default_factory=list)  # intermediate tensors matched
+    labels: bool = False  # cross-entropy on the calibration file's labels as well (else distillation only)
+    mixed: float = 0.0  # fraction of each mini-batch that was mixed inputs
 
     def summary(self) -> dict:
         start = self.history[0]["holdout_loss"] if self.history else None
         best = next((h["holdout_loss"] for h in self.history if h["step"] == self.best_step), None)
         return {"steps": self.history[-1]["step"] if self.history else 0, "best_step": self.best_step,
                 "holdout_loss_before": start, "holdout_loss_after": best, "losses": self.losses,
-                "samples": self.samples, "processes": self.processes, "features": self.features, "seconds": round(self.seconds, 3),
+                "samples": self.samples, "processes": self.processes, "features": self.features, "labels": self.labels,
+                "mixed": self.mixed, "seconds": round(self.seconds, 3),
                 "curve": self.history,
                 "tensors": sorted(self.values)}
 
@@ -253,6 +260,9 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     n = len(next(iter(inputs.values())))
     if not names or cfg.steps == 0:
         return RecoverResult({}, [], 0, time.perf_counter() - t0, [k for k, _ in kinds], {"train": n, "holdout": 0})
+    if n < MIN_INPUTS:
+        raise UserError(f"recovery needs at least {MIN_INPUTS} calibration inputs (1/8 are held out to choose the "
+                        f"step kept), the file has {n}; give more inputs or use --recover 0")
     for (kind, _), t in zip(kinds, teacher):
         if kind == "kl" and t.ndim != 2:
             raise RuntimeError("internal error: classifier output is not 2-D")
@@ -268,7 +278,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=gen)
-    n_hold = int(round(n * cfg.holdout)) if n >= 8 else 0
+    n_hold = max(1, int(round(n * cfg.holdout)))
     hold, train = order[:n_hold], order[n_hold:]
     dev = torch.device(dp.local_device(cfg.device))
     world, main = dp.world_size(), dp.is_main()
@@ -355,6 +365,11 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         return float(tot) / n_hold
 
     every = cfg.eval_every or max(1, cfg.steps // 20)
+    (log.info if main else _silent)(
+        f"{tag}recovery: {len(train)} training + {n_hold} held-out inputs; loss "
+        + ", ".join(k for k, _ in kinds) + (" + cross-entropy on the file's labels" if ce_on else
+                                            " (no labels in the calibration file: distillation only)")
+        + (f"; {cfg.mix:g} of each batch mixed inputs" if can_mix else ""))
     history = [{"step": 0, "train_loss": None, "holdout_loss": holdout_loss()}]
     best_loss, best_step = history[0]["holdout_loss"], 0
     best = [p.detach().clone() for p in params]
@@ -411,6 +426,8 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     res = RecoverResult(values, history, best_step, time.perf_counter() - t0, [k for k, _ in kinds],
                         {"train": len(train), "holdout": n_hold}, world)
     res.features = list(feats)
+    res.labels = ce_on
+    res.mixed = cfg.mix if can_mix else 0.0
     return res
 
 

@@ -344,3 +344,24 @@ def test_feature_matching_uses_batch_major_float_block_boundaries():
     assert both.history[0]["holdout_loss"] > plain.history[0]["holdout_loss"]  # the feature term counts
     trained = recover(student, {"input": x}, teacher, RecoverConfig(steps=40, lr=1e-3), features=feats).summary()
     assert trained["best_step"] > 0 and trained["holdout_loss_after"] < 0.6 * trained["holdout_loss_before"]
+
+
+def test_recovery_says_whether_labels_were_used_and_refuses_bad_calibration(tmp_path, unlabelled):
+    """Unlabelled: distillation only, said in the log line and the report; too few inputs for the
+    held-out slice or arrays of the wrong shape: one line, exit 2, nothing written."""
+    out = tmp_path / "u.onnx"
+    r = _cli("prune", SAMPLE, "-o", out, "--keep-flops", "0.6", "--criterion", "magnitude", "--calib", unlabelled,
+             "--recover", "3", "--report", tmp_path / "u.json")
+    assert r.returncode == 0, r.stderr
+    assert "no labels in the calibration file: distillation only" in r.stdout
+    rep = json.loads((tmp_path / "u.json").read_text())
+    assert rep["recovery"]["rounds"][0]["labels"] is False and rep["recovery"]["rounds"][0]["mixed"] == 0.5
+    with np.load(CALIB) as d:
+        np.savez(tmp_path / "few.npz", input=d["input"][:5])
+        np.savez(tmp_path / "shape.npz", input=d["input"][:64, :, :4, :])  # 8x4 images for an 8x8 model
+    for calib, needle in ((tmp_path / "few.npz", "at least 8 calibration inputs"), (tmp_path / "shape.npz", "shape")):
+        r = _cli("prune", SAMPLE, "-o", tmp_path / "x.onnx", "--keep-flops", "0.6", "--criterion", "magnitude",
+                 "--calib", calib, "--recover", "3")
+        assert r.returncode == 2, (calib, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "x.onnx").exists()
