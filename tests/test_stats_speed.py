@@ -101,10 +101,12 @@ def test_depthwise_convs_get_no_obs_input_factor():
 
 
 @pytest.mark.parametrize("c", [5, 383, 1000])
-def test_blocked_symmetric_product(c):
-    m = torch.randn(c, 300)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_blocked_symmetric_product(c, per_sample):
+    m = torch.randn(3, c, 100) if per_sample else torch.randn(c, 300)  # (N, c, T): Σ_n m_n m_nᵀ
     A = torch.zeros(c + 1, c + 1, dtype=torch.float64)
     _gram_into(A, m)
-    ref = m.double() @ m.double().T
+    flat = m.permute(1, 0, 2).reshape(c, -1) if per_sample else m
+    ref = flat.double() @ flat.double().T
     torch.testing.assert_close(A[:c, :c], ref, rtol=1e-5, atol=1e-3)
     assert not A[c].any() and not A[:, c].any()  # the bias row and column are not touched

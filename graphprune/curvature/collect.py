@@ -172,22 +172,33 @@ def _acc(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
 GRAM_BLOCK = 384
 
 
-def _gram_into(A: torch.Tensor, m: torch.Tensor) -> None:
-    """A[:c, :c] += m mᵀ for m (c, K), computing only the blocks on and above the diagonal (the
+def _gram_into(A: torch.Tensor, m: torch.Tensor, first: bool = False) -> None:
+    """A[:c, :c] += m mᵀ for m (c, K), or for m (N, c, T) the sum over n of m_n m_nᵀ (``first``:
+    A[:c, :c] = ..., A not initialised), computing only the blocks on and above the diagonal (the
     others are their transposes): (nb + 1) / (2 nb) of the multiply-adds with nb blocks of about
     GRAM_BLOCK rows (on a ResNet-50 3x3 conv's 4,608 columns, 0.54 of them; about half the time)."""
-    c = m.shape[0]
+    per_sample = m.dim() == 3
+    c = m.shape[-2]
     nb = max(1, -(-c // GRAM_BLOCK))
     b = -(-c // nb)
     for i in range(0, c, b):
         i1 = min(i + b, c)
-        mi = m[i:i1]
+        mi = m[..., i:i1, :]
         for j in range(i, c, b):
             j1 = min(j + b, c)
-            blk = mi @ m[j:j1].T
-            A[i:i1, j:j1].add_(blk)
+            blk = torch.bmm(mi, m[:, j:j1].transpose(1, 2)).sum(0) if per_sample else mi @ m[j:j1].T
+            _put(A[i:i1, j:j1], blk, first)
             if j != i:
-                A[j:j1, i:i1].add_(blk.T)
+                _put(A[j:j1, i:i1], blk.T, first)
+
+
+def _put(dst: torch.Tensor, src: torch.Tensor, first: bool) -> None:
+    """dst = src on a sum's first chunk (no zero fill of a new float64 sum beforehand; 0 + x is x
+    exactly, so this is the same sum), else dst += src."""
+    if first:
+        dst.copy_(src)
+    else:
+        dst.add_(src)
 
 
 class _Accumulator:
@@ -243,10 +254,11 @@ class _Accumulator:
                 if wood:
                     gs = torch.cat([gw, gb.unsqueeze(2)], 2)  # (N, out, cols+1), rows ordered by group
                 if "fisher_diag" in needs:
-                    if st.fisher is None:
-                        st.fisher = torch.zeros(view.out, view.cols + 1, dtype=ACC_DTYPE, device=ds.device)
-                    st.fisher[:, :view.cols].add_((gw.mul_(gw) if not wood else gw * gw).sum(0))
-                    st.fisher[:, view.cols].add_((gb * gb).sum(0))
+                    first = st.fisher is None
+                    if first:
+                        st.fisher = torch.empty(view.out, view.cols + 1, dtype=ACC_DTYPE, device=ds.device)
+                    _put(st.fisher[:, :view.cols], (gw.mul_(gw) if not wood else gw * gw).sum(0), first)
+                    _put(st.fisher[:, view.cols], (gb * gb).sum(0), first)
                 if "woodtaylor" in needs:
                     gsum = gs.sum(0)
                     st.gsum = gsum if st.gsum is None else st.gsum + gsum
@@ -275,17 +287,22 @@ class _Accumulator:
                 st.Ag[:, c, :c].add_(sums)
                 st.Ag[:, c, c].add_(k * t)
             core, asum = per.sum(0), sums.sum(0)
+        elif t >= 512:  # many positions a sample: per-sample products of the patches as they lie
+            core, m = None, a[:, 0]  # (N, c, T)
+            asum = m.sum((0, 2))
         else:
             core, m = None, a.permute(2, 0, 1, 3).reshape(c, -1)  # (c, N·T): a view for Gemm/MatMul inputs
             asum = m.sum(1)
-        if st.A is None:
-            st.A = torch.zeros(c + 1, c + 1, dtype=ACC_DTYPE, device=a.device)
+        first = st.A is None
+        if first:
+            st.A = torch.empty(c + 1, c + 1, dtype=ACC_DTYPE, device=a.device)
+            st.A[c, c] = 0
         if core is None:
-            _gram_into(st.A, m)
+            _gram_into(st.A, m, first)
         else:
-            st.A[:c, :c].add_(core)
-        st.A[:c, c].add_(asum)
-        st.A[c, :c].add_(asum)
+            _put(st.A[:c, :c], core, first)
+        _put(st.A[:c, c], asum, first)
+        _put(st.A[c, :c], asum, first)
         st.A[c, c] += k * groups * t
         st.a_count += k * groups * t
 
