@@ -5,6 +5,7 @@ UNLABELLED calibration digits, with each cell's wall time against a budget of 2 
     python benchmarks/recover_digits.py --threads 1                 # full grid -> results/recover_digits.{json,md}
     python benchmarks/recover_digits.py --models vit --budgets 0.5 --criteria taylor
     python benchmarks/recover_digits.py --steps 3 --recover 400      # gradual: 3 rounds, 400 steps after each
+    python benchmarks/recover_digits.py --steps 3 --recover 0 --criteria woodfisher woodtaylor  # WoodTaylor between rounds
 
 One ``graphprune.pipeline.prune`` per cell: the one-shot accuracy is the report's accuracy before
 recovery (the same plan and compensation, nothing trained), so both columns come from one run.
@@ -61,11 +62,12 @@ def cell(model: str, criterion: str, budget: float, calib: str, tmp: str, args) 
     except UserError as exc:
         return {"status": "failed", "error": str(exc)}
     acc = rep["accuracy"]
-    rounds = rep["recovery"]["rounds"]
-    return {"status": "ok", "dense": acc["before"], "one_shot": acc.get("before_recovery"), "recovered": acc["after"],
-            "one_shot_relative": (acc.get("before_recovery") or 0) / max(acc["before"], 1e-9),
+    rounds = (rep.get("recovery") or {}).get("rounds") or [{}]
+    one_shot = acc.get("before_recovery", acc["after"])  # --recover 0: the result is the one-shot one
+    return {"status": "ok", "dense": acc["before"], "one_shot": one_shot, "recovered": acc["after"],
+            "one_shot_relative": one_shot / max(acc["before"], 1e-9),
             "relative": acc["after"] / max(acc["before"], 1e-9), "macs_ratio": rep["totals"]["macs_ratio"],
-            "best_step": rounds[-1]["best_step"], "seconds": round(time.perf_counter() - t, 1),
+            "best_step": rounds[-1].get("best_step"), "seconds": round(time.perf_counter() - t, 1),
             "recovery_seconds": round(sum(v for k, v in rep["timings"].items() if k.endswith("recovery")), 1)}
 
 

@@ -19,7 +19,8 @@ from .stages.load import check_sizes, load_and_trace, signature, upgrade_info
 from .stages.recover import recovery_steps
 from .stages.report import describe_groups
 from .stages.score import collect_statistics
-from .stages.verify import accuracy_before, evaluate, verify
+from .stages.accuracy import accuracy_before, evaluate
+from .stages.verify import verify
 from .stages.write import finish
 
 __all__ = ["AUTO_CRITERION", "AUTO_RECOVER_STEPS", "PruneConfig", "inspect", "prune", "verify", "evaluate",

@@ -74,8 +74,16 @@ def test_keep_latency_reports_predicted_and_measured(tmp_path, zoo_model):
     assert 0 < lat["measured_ms"] and 0 < lat["predicted_ms"] < lat["dense_ms"]
     assert lat["target_ms"] == pytest.approx(0.6 * lat["dense_ms"])
     assert lat["attempts"] and all(a["layers_ms_predicted"] <= a["layers_ms_before"] for a in lat["attempts"])
-    # the second run reads every layer table from the cache
+    # the second run reads the layer tables from the cache: with --round-to 1 the plan needs no new
+    # widths at all (with auto, a correction attempt that lands elsewhere may time new candidates)
+    first = json.loads(rep.read_text())["latency"]["layers_measured"]
     res = run(*args[:-2], "--force", "--report", rep)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(rep.read_text())["latency"]["layers_measured"] < first
+    res = run(*args[:-2], "--round-to", "1", "--force", "--report", rep)
+    assert res.returncode == 0, res.stderr
+    first = json.loads(rep.read_text())["latency"]["layers_measured"]
+    res = run(*args[:-2], "--round-to", "1", "--force", "--report", rep)
     assert res.returncode == 0, res.stderr
     assert json.loads(rep.read_text())["latency"]["layers_measured"] == 0
 

@@ -62,7 +62,7 @@ def _outputs(out: str, ratios: list[float] | None) -> list[str]:
 def run(args, common) -> int:
     from ..bench import benchmark
     from ..io import load_model, write_json_atomic
-    from ..planner import Budget
+    import dataclasses
     from ..report_html import render
 
     cfg = common["config_from_args"](args, default_budget=("flops", 0.5))
@@ -104,7 +104,7 @@ def run(args, common) -> int:
         for k, out in enumerate(outputs):
             if ratios:
                 b = cfg.budget
-                cfg.budget = Budget(b.kind, ratios[k], b.cap, b.round_to, b.best_effort)
+                cfg.budget = dataclasses.replace(b, ratio=ratios[k])
             tmp_out = os.path.join(tmp, f"pruned{k}.onnx")
             rep = common["run_prune"](args, source, tmp_out, cfg)  # --workers N: in N processes
             rep["input"], rep["output"] = args.source, out

@@ -15,6 +15,7 @@ reads as the list of stages and alternatives plug in beside them instead of insi
 ``compensate``     weight compensation into the trace graph (undoable)
 ``rewrite``        the pruned ONNX model for a removal, checked by onnx.checker and signature
 ``verify``         parity against the masked original, and the structural check a report allows
+``accuracy``       top-1 accuracy on labelled data (--eval), before and after
 ``recover``        distillation from the dense model (graphprune/recover.py does the training)
 ``report``         the report's group table and totals
 ``write``          the model and its report, atomically, on rank 0

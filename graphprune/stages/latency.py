@@ -4,6 +4,7 @@ measured latency lands on the target."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import onnx
 
@@ -34,7 +35,7 @@ class LatencyRound:
         for attempt in range(config.latency_attempts):
             tp = time.perf_counter()
             plan = make_plan(tr, scoring.scores,
-                             Budget("latency", ratio, budget.cap, budget.round_to, best_effort=True), table)
+                             replace(budget, kind="latency", ratio=ratio, best_effort=True), table)
             timings[tag + "plan"] = timings.get(tag + "plan", 0.0) + time.perf_counter() - tp
             res = apply_round(model, tr, scoring, plan, config, timings, tag)
             res.compensation.undo(tr)  # the trace graph goes back to the original before another attempt

@@ -6,7 +6,7 @@ measurement lands. Both return a ``RoundResult``; stages/rounds.py picks one for
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
@@ -68,4 +68,4 @@ def round_budgets(budget: Budget, steps: int, before: dict, current: dict, k: in
         kind = "macs" if budget.kind == "flops" else "params"
         target = 1 - (1 - budget.ratio) * k / steps
         ratio = min(1.0, target * before[kind] / max(current[kind], 1.0))
-    return Budget(budget.kind, ratio, cap, budget.round_to, budget.best_effort)
+    return replace(budget, ratio=ratio, cap=cap)  # every other setting (widths, hardware) carried over

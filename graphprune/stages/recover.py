@@ -10,7 +10,7 @@ from ..config import AUTO_RECOVER_STEPS, PruneConfig
 from ..errors import UserError
 from ..runtime import GraphModel
 from ..tracer import Trace
-from .verify import evaluate
+from .accuracy import evaluate
 
 
 def recovery_steps(config: PruneConfig) -> int:

@@ -87,6 +87,8 @@ def run(model: onnx.ModelProto, tr: Trace, config: PruneConfig, path, out, timin
         report["compensated_tensors"] = sorted(compensated)
     if latency_info is not None:
         report["latency"] = latency_info
+    if res.plan.snapped:  # --round-to auto: per group the planned, snapped and final widths
+        report["widths"] = {"groups": res.plan.snapped, **res.plan.snap_info}
     if config.steps > 1:
         report["rounds"] = rounds
     if recovery is not None:

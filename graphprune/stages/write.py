@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import PruneConfig
 from ..distributed import is_main
 from ..io import save_model, write_json_atomic
-from .verify import evaluate
+from .accuracy import evaluate
 
 
 def finish(report: dict, before: float | None, pruned, path, out, config: PruneConfig, report_path,
