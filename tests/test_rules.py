@@ -408,8 +408,11 @@ def test_unary_table_is_covered():
 
 @pytest.mark.parametrize("op,attrs,opset", UNARY, ids=[u[0] for u in UNARY])
 def test_unary(op, attrs, opset):
-    pre = "Sigmoid" if op in ("Sqrt", "Reciprocal") else "Identity"  # keep the domain positive
-    nodes, inits = chain(stem(), ([node(pre, ["h"], ["p"]), node(op, ["p"], ["u"], **attrs)], []), head("u", 8))
+    if op == "Reciprocal":  # keep the domain away from 0: 1 + sigmoid (a sigmoid alone underflows to 0 -> inf)
+        pre, pre_inits = [node("Sigmoid", ["h"], ["s"]), node("Add", ["s", "one"], ["p"])], [fconst("one", 1.0)]
+    else:
+        pre, pre_inits = [node("Sigmoid" if op == "Sqrt" else "Identity", ["h"], ["p"])], []  # Sqrt: domain >= 0
+    nodes, inits = chain(stem(), (pre + [node(op, ["p"], ["u"], **attrs)], pre_inits), head("u", 8))
     if op == "Dropout":
         nodes[-2].output.append("mask")
     m = make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits, opset=opset)

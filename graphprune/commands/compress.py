@@ -61,6 +61,7 @@ def _outputs(out: str, ratios: list[float] | None) -> list[str]:
 
 def run(args, common) -> int:
     from ..bench import benchmark
+    from ..distributed import is_main
     from ..io import load_model, write_json_atomic
     import dataclasses
     from ..report_html import render
@@ -107,6 +108,8 @@ def run(args, common) -> int:
                 cfg.budget = dataclasses.replace(b, ratio=ratios[k])
             tmp_out = os.path.join(tmp, f"pruned{k}.onnx")
             rep = common["run_prune"](args, source, tmp_out, cfg)  # --workers N: in N processes
+            if not is_main():  # launched by torchrun: every rank prunes, rank 0 alone benchmarks and writes
+                continue
             rep["input"], rep["output"] = args.source, out
             rep["file_size"] = {"before": os.path.getsize(source), "after": os.path.getsize(tmp_out)}
             if not args.no_bench:
@@ -126,6 +129,8 @@ def run(args, common) -> int:
                                 "providers": res["providers"], "notes": res["notes"]}
             reports.append(rep)
             staged.append((tmp_out, out))
+        if not is_main():
+            return 0
         _print_table(reports, common["human"])
         for tmp_out, out in staged:  # every check passed: publish the outputs
             os.replace(tmp_out, out)
