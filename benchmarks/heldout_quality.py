@@ -60,8 +60,6 @@ def unlabelled(path: str, tmp: str) -> str:
 
 def cell(model: str, criterion: str, budget: float, mode: str, calib: str, test: str, tmp: str,
          seed: int) -> dict:
-    if mode == "default" and criterion == "eigendamage":
-        return {"status": "n/a", "error": "recovery does not apply to eigendamage"}
     cfg = PruneConfig(criterion=criterion, budget=Budget("flops", budget), calib=calib,
                       eval_data=os.path.join(ROOT, test), force=True, seed=seed,
                       recover=0 if mode == "one-shot" else None)
