@@ -132,7 +132,7 @@ def diagnose(path: str, calib: str, criterion: str, ratio: float, work: str) -> 
     config = PruneConfig(criterion=criterion, budget=Budget("flops", ratio), calib=score_path, samples=1 << 30)
     t = time.perf_counter()
     scoring = score(model, tr, config, config.budget, {})
-    crit, method, ctx, scores, meta = scoring.criterion, scoring.method, scoring.ctx, scoring.scores, scoring.meta
+    method, ctx, scores, meta = scoring.method, scoring.ctx, scoring.scores, scoring.meta
     plan = make_plan(tr, scores, config.budget)
     seconds = time.perf_counter() - t
     with masked_view(tr, set(), model) as dense:

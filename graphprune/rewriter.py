@@ -12,7 +12,6 @@ from contextlib import contextmanager
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
 from .rules import RewriteContext
 from .export import export_graph  # noqa: F401  (re-exported: callers import it from here)
