@@ -28,12 +28,12 @@ os.environ.setdefault("GRAPHPRUNE_QUIET", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from graphprune import UserError  # noqa: E402
 from graphprune.pipeline import PruneConfig, prune  # noqa: E402
 from graphprune.planner import Budget  # noqa: E402
+from heldout_quality import unlabelled  # noqa: E402  (benchmarks/ is the script's folder)
 
 MODELS = {"resnet": "samples/digits_resnet.onnx", "mobilenet_v2": "samples/digits_mobilenet_v2.onnx",
           "densenet": "samples/digits_densenet.onnx", "vit": "samples/digits_vit.onnx"}
@@ -42,14 +42,6 @@ CRITERIA = ["taylor", "fisher", "kron-obd", "kron-obs", "woodfisher", "eigendama
 BUDGETS = [0.5, 0.3]
 TARGETS = {0.3: 0.99}  # fraction of dense accuracy at 30% MACs (CNNs); the ViT: 0.98 at 50%
 TIME_BUDGET_S = 120
-
-
-def unlabelled(tmp: str) -> str:
-    with np.load(os.path.join(ROOT, CALIB)) as d:
-        arrays = {k: d[k] for k in d.files if k != "labels"}
-    out = os.path.join(tmp, "calib_unlabelled.npz")
-    np.savez(out, **arrays)
-    return out
 
 
 def cell(model: str, criterion: str, budget: float, calib: str, tmp: str, args) -> dict:
@@ -88,7 +80,7 @@ def main(argv=None) -> int:
     rows, bugs = [], []
     t0, load0 = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        calib = unlabelled(tmp)
+        calib = unlabelled(CALIB, tmp)
         for name in args.models:
             for crit in args.criteria:
                 for budget in args.budgets:
