@@ -92,6 +92,16 @@ def _recover_steps(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return v
+
+
 def _fraction(text: str) -> float:
     try:
         v = float(text)
@@ -118,6 +128,10 @@ def add_recover_options(p: argparse.ArgumentParser, steps_flag: str = "--recover
     rc = p.add_argument_group("recovery: distillation from the dense model on the --calib inputs")
     rc.add_argument(steps_flag, dest="recover", type=_recover_steps, default=None, metavar="STEPS",
                     help="training steps per pruning round (0 = off; default: 100 when --calib is given)")
+    rc.add_argument("--recover-time", type=_seconds, default=None, metavar="SECONDS",
+                    help="wall-clock budget for recovery (all rounds together): the step count is sized from the "
+                         "measured time of a few probe steps, capped by the step count when one is given, and "
+                         "reported (give that count instead to reproduce the run exactly)")
     rc.add_argument("--recover-lr", type=_tolerance, default=1e-3, metavar="LR",
                     help="AdamW learning rate, cosine schedule (default 1e-3)")
     rc.add_argument("--recover-batch", type=int, default=32, metavar="B", help="mini-batch size (default 32)")
@@ -302,7 +316,7 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
                        max_memory=args.max_memory, input_shapes=args.input_shape or None,
                        block_size=args.block_size, recover=args.recover, recover_lr=args.recover_lr,
                        recover_batch=args.recover_batch, recover_features=args.recover_features,
-                       recover_mix=args.recover_mix)
+                       recover_mix=args.recover_mix, recover_time=args.recover_time)
 
 
 def print_summary(rep: dict, output: str) -> None:

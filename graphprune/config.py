@@ -37,6 +37,9 @@ class PruneConfig:
     recover_batch: int = 32
     recover_features: bool = False  # also match block-boundary activations the plan left whole
     recover_mix: float = 0.5  # fraction of each recovery batch replaced by mixed calibration inputs
+    #: wall seconds for recovery in all (split evenly over the rounds): the step count is sized from the
+    #: measured step time (``recover`` then caps it; alone it enables recovery)
+    recover_time: float | None = None
     max_memory: int | None = None  # bytes for curvature statistics (default: 80% of available RAM)
     block_size: int | None = None  # WoodFisher diagonal blocks (weights); None: the largest that fits max_memory
     # hardware-aware planning (--keep-latency)
@@ -51,6 +54,8 @@ class PruneConfig:
 
 #: recovery steps per round when --recover is not given and calibration data is
 AUTO_RECOVER_STEPS = 100
+#: the step cap when only --recover-time is given (the time budget sets the count)
+UNCAPPED_STEPS = 1 << 40
 
 
 def resolved(config: PruneConfig) -> PruneConfig:

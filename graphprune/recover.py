@@ -61,6 +61,10 @@ class RecoverConfig:
     mix: float = 0.5  # fraction of each training batch replaced by mixed inputs (needs the dense model)
     seed: int = 0
     device: str = "cpu"
+    #: wall-clock budget of this call (s); None: exactly ``steps`` steps. With a budget, the step count is
+    #: sized from the measured time of a few probe steps (at most ``steps``), before training starts, so
+    #: the schedule runs whole; the report gives the count, and ``steps=that`` alone reproduces the run
+    seconds: float | None = None
 
 
 @dataclass
@@ -72,6 +76,7 @@ class RecoverResult:
     losses: list[str] = field(default_factory=list)
     samples: dict = field(default_factory=dict)
     processes: int = 1  # data-parallel ranks (torchrun)
+    planned: int = 0  # steps the schedule was sized for (``steps``, or what fitted ``seconds``)
     features: list[str] = field(default_factory=list)  # intermediate tensors matched
     labels: bool = False  # cross-entropy on the calibration file's labels as well (else distillation only)
     mixed: float = 0.0  # fraction of each mini-batch that was mixed inputs
@@ -79,7 +84,8 @@ class RecoverResult:
     def summary(self) -> dict:
         start = self.history[0]["holdout_loss"] if self.history else None
         best = next((h["holdout_loss"] for h in self.history if h["step"] == self.best_step), None)
-        return {"steps": self.history[-1]["step"] if self.history else 0, "best_step": self.best_step,
+        return {"steps": self.history[-1]["step"] if self.history else 0, "planned_steps": self.planned,
+                "best_step": self.best_step,
                 "holdout_loss_before": start, "holdout_loss_after": best, "losses": self.losses,
                 "samples": self.samples, "processes": self.processes, "features": self.features, "labels": self.labels,
                 "mixed": self.mixed, "seconds": round(self.seconds, 3),
@@ -250,6 +256,8 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
 
     if cfg.steps < 0:
         raise UserError(f"--recover must be >= 0 steps, got {cfg.steps}")
+    if cfg.seconds is not None and not (cfg.seconds > 0 and math.isfinite(cfg.seconds)):
+        raise UserError(f"--recover-time must be a positive number of seconds, got {cfg.seconds}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise UserError(f"--recover-lr must be a positive number, got {cfg.lr}")
     if cfg.batch_size < 1:
@@ -298,13 +306,13 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     can_mix = (teach_tg is not None and labels is None
                and all(np.issubdtype(v.dtype, np.floating) for v in inputs.values()))
 
-    def mix_plan(b: int):
+    def mix_plan(b: int, g: torch.Generator = mix_gen):
         """For the whole mini-batch (the same draws on every rank): the last k positions become
         convex mixtures of their input and a partner position's, with weights lam."""
         k = int(round(cfg.mix * b)) if can_mix and b >= 2 else 0
         if not k:
             return 0, None, None
-        return k, torch.randperm(b, generator=mix_gen)[:k], torch.rand(k, generator=mix_gen)
+        return k, torch.randperm(b, generator=g)[:k], torch.rand(k, generator=g)
 
     def mix_in(x, t, idx, share, k, partner, lam):
         """Mix this rank's positions ``share`` of the batch ``idx`` per ``mix_plan``; the dense model
@@ -331,15 +339,6 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
 
     params = [tg.param(nm) for nm in names]
     start = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup * cfg.steps))
-
-    def lr_factor(s: int) -> float:  # linear warm-up (Adam's first steps are the largest), then cosine
-        if s < warm:
-            return (s + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(s - warm, cfg.steps - warm) / max(cfg.steps - warm, 1)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ce_on = labels is not None and kinds[0][0] != "mse"
     T = float(cfg.temperature)
 
@@ -364,25 +363,11 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         dp.all_reduce_sum([tot], cfg.device)  # the backend of the first call serves the whole run
         return float(tot) / n_hold
 
-    every = cfg.eval_every or max(1, cfg.steps // 20)
-    (log.info if main else _silent)(
-        f"{tag}recovery: {len(train)} training + {n_hold} held-out inputs; loss "
-        + ", ".join(k for k, _ in kinds) + (" + cross-entropy on the file's labels" if ce_on else
-                                            " (no labels in the calibration file: distillation only)")
-        + (f"; {cfg.mix:g} of each batch mixed inputs" if can_mix else ""))
-    history = [{"step": 0, "train_loss": None, "holdout_loss": holdout_loss()}]
-    best_loss, best_step = history[0]["holdout_loss"], 0
-    best = [p.detach().clone() for p in params]
-    perm, pos, running, seen = torch.randperm(len(train), generator=gen), 0, 0.0, 0
-    for step in range(1, cfg.steps + 1):
-        if pos + cfg.batch_size > len(train):
-            perm, pos = torch.randperm(len(train), generator=gen), 0
-        idx = train[perm[pos:pos + cfg.batch_size]]
-        pos += cfg.batch_size
-        share = torch.arange(len(idx))[dp.shard(len(idx))]  # data parallel: this rank's share of the mini-batch
+    def batch_loss(idx, g: torch.Generator = mix_gen) -> torch.Tensor:
+        """This rank's part of mini-batch ``idx``'s loss (data parallel: each rank takes a share)."""
+        share = torch.arange(len(idx))[dp.shard(len(idx))]
         mine = idx[share]
-        k, partner, lam = mix_plan(len(idx))
-        opt.zero_grad(set_to_none=True)
+        k, partner, lam = mix_plan(len(idx), g)
         loss = torch.zeros((), device=dev)
         if len(mine):
             x, t, y = tensors(mine)
@@ -392,6 +377,58 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
             loss = objective(x, t, y) * (len(mine) / len(idx))
         if cfg.anchor and main:
             loss = loss + cfg.anchor * sum((p - s).pow(2).sum() for p, s in zip(params, start))
+        return loss
+
+    say = log.info if main else _silent
+    say(f"{tag}recovery: {len(train)} training + {n_hold} held-out inputs; loss "
+        + ", ".join(k for k, _ in kinds) + (" + cross-entropy on the file's labels" if ce_on else
+                                            " (no labels in the calibration file: distillation only)")
+        + (f"; {cfg.mix:g} of each batch mixed inputs" if can_mix else ""))
+    t_eval = time.perf_counter()
+    history = [{"step": 0, "train_loss": None, "holdout_loss": holdout_loss()}]
+    t_eval = time.perf_counter() - t_eval
+    steps = cfg.steps
+    if cfg.seconds is not None:
+        steps = _fit_steps(cfg, lambda: batch_loss(train[:cfg.batch_size], torch.Generator().manual_seed(cfg.seed + 2)),
+                           params, t_eval, t0, dev)
+        say(f"{tag}recovery: about {steps} steps fit --recover-time {cfg.seconds:g} s"
+            + (f" (capped at {cfg.steps})" if steps == cfg.steps else "")
+            + "; the warm-up's measured speed sets the final count")
+        if steps == 0:
+            log.warn(f"{tag}recovery skipped: --recover-time {cfg.seconds:g} s leaves no time for a training step")
+            return RecoverResult({}, history, 0, time.perf_counter() - t0, [k for k, _ in kinds],
+                                 {"train": len(train), "holdout": n_hold}, world)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup * steps))
+
+    def lr_factor(s: int) -> float:  # linear warm-up (Adam's first steps are the largest), then cosine
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(s - warm, steps - warm) / max(steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    every = cfg.eval_every or max(1, steps // 20)
+    best_loss, best_step = history[0]["holdout_loss"], 0
+    best = [p.detach().clone() for p in params]
+    perm, pos, running, seen = torch.randperm(len(train), generator=gen), 0, 0.0, 0
+    step, t_loop = 0, None
+    while step < steps:
+        step += 1
+        if cfg.seconds is not None and step == 3:
+            t_loop = time.perf_counter()  # the first steps build kernels and caches
+        if cfg.seconds is not None and step == warm + 1 and warm > 3:
+            # the probe sized the warm-up; the steps so far size the rest (the cosine phase starts now)
+            steps = _refit_steps(cfg, (time.perf_counter() - t_loop) / (warm - 2), t_eval, t0,
+                                 (steps - warm) // every + 1, warm, dev)
+            every = cfg.eval_every or max(1, steps // 20)
+            say(f"{tag}recovery: {steps} steps in all fit --recover-time {cfg.seconds:g} s at the warm-up's "
+                f"{1e3 * (time.perf_counter() - t_loop) / (warm - 2):.1f} ms a step")
+        if pos + cfg.batch_size > len(train):
+            perm, pos = torch.randperm(len(train), generator=gen), 0
+        idx = train[perm[pos:pos + cfg.batch_size]]
+        pos += cfg.batch_size
+        opt.zero_grad(set_to_none=True)
+        loss = batch_loss(idx)
         if loss.requires_grad:
             loss.backward()
         if world > 1:
@@ -408,7 +445,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         sched.step()
         running += float(loss.detach())
         seen += 1
-        if step % every == 0 or step == cfg.steps:
+        if step % every == 0 or step == steps:
             h = holdout_loss()
             history.append({"step": step, "train_loss": running / seen, "holdout_loss": h})
             running, seen = 0.0, 0
@@ -416,19 +453,69 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
                 best_loss, best_step = h, step
                 best = [p.detach().clone() for p in params]
             spent = time.perf_counter() - t0
-            (log.info if main else _silent)(f"{tag}recovery step {step}/{cfg.steps}: train loss {history[-1]['train_loss']:.4g}, "
-                     f"held-out {h:.4g} (best {best_loss:.4g} at step {best_step}); {spent:.0f} s, "
-                     f"ETA {spent / step * (cfg.steps - step):.0f} s")
+            say(f"{tag}recovery step {step}/{steps}: train loss {history[-1]['train_loss']:.4g}, "
+                f"held-out {h:.4g} (best {best_loss:.4g} at step {best_step}); {spent:.0f} s, "
+                f"ETA {spent / step * (steps - step):.0f} s")
     values = {}
     if best_step > 0:
         for nm, p in zip(names, best):
             values[nm] = p.detach().cpu().numpy().astype(np.float32)
     res = RecoverResult(values, history, best_step, time.perf_counter() - t0, [k for k, _ in kinds],
                         {"train": len(train), "holdout": n_hold}, world)
+    res.planned = steps
     res.features = list(feats)
     res.labels = ce_on
     res.mixed = cfg.mix if can_mix else 0.0
     return res
+
+
+#: timed probe steps (after two untimed ones) that size a --recover-time schedule
+PROBE_STEPS = 8
+
+
+def _fit_steps(cfg: RecoverConfig, probe_loss, params, t_eval: float, t0: float, dev) -> int:
+    """How many training steps fit ``cfg.seconds`` (at most ``cfg.steps``), counted from ``t0``: whole
+    steps (forward, backward, an AdamW step) on the first mini-batch are timed on a scratch optimizer,
+    then the weights are put back (the training draws are untouched); the ~21 held-out evaluations of a
+    run are added, and 10% kept in hand. Under torchrun the ranks average their times, so every rank
+    plans the same count."""
+    from . import distributed as dp
+
+    saved = [p.detach().clone() for p in params]
+    scratch = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    times = []
+    for i in range(PROBE_STEPS + 2):
+        t = time.perf_counter()
+        scratch.zero_grad(set_to_none=True)
+        loss = probe_loss()
+        if loss.requires_grad:
+            loss.backward()
+        scratch.step()
+        float(loss.detach())
+        if i >= 2:  # the first passes build kernels and caches
+            times.append(time.perf_counter() - t)
+    with torch.no_grad():
+        for p, v in zip(params, saved):
+            p.copy_(v)
+            p.grad = None
+    per_step = sorted(times)[len(times) // 2]
+    est = torch.tensor([per_step, t_eval, time.perf_counter() - t0], dtype=torch.float64, device=dev)
+    dp.all_reduce_sum([est], cfg.device)
+    per_step, t_eval, spent = (est / dp.world_size()).tolist()
+    left = 0.9 * cfg.seconds - spent - 20 * t_eval
+    return int(max(0, min(cfg.steps, left // max(per_step, 1e-9))))
+
+
+def _refit_steps(cfg: RecoverConfig, per_step: float, t_eval: float, t0: float, evals: int, done: int, dev) -> int:
+    """Total steps once the warm-up has run: the cosine phase gets what is left of ``cfg.seconds``
+    (10% kept in hand) at the warm-up's measured step time; ranks agree as in :func:`_fit_steps`."""
+    from . import distributed as dp
+
+    est = torch.tensor([per_step, time.perf_counter() - t0], dtype=torch.float64, device=dev)
+    dp.all_reduce_sum([est], cfg.device)
+    per_step, spent = (est / dp.world_size()).tolist()
+    left = 0.9 * cfg.seconds - spent - evals * t_eval
+    return int(min(cfg.steps, done + max(1, left // max(per_step, 1e-9))))
 
 
 def _matching_features(pruned: onnx.ModelProto, inputs, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -255,6 +255,46 @@ def test_recover_command_trains_a_model_pruned_elsewhere(tmp_path, unlabelled):
     assert [(i.name, list(i.dims)) for i in a.graph.initializer] == [(i.name, list(i.dims)) for i in b.graph.initializer]
 
 
+def test_time_budget_sizes_the_schedule_and_a_cap_keeps_the_plain_run(tmp_path, unlabelled):
+    """--recover-time: a step cap the budget cannot reach gives exactly the --recover N run (the timing
+    probe puts the weights back and draws nothing); a budget that fits no step trains nothing and says
+    so; a real budget plans a count, runs it whole and reports it."""
+    def run(name, **kw):
+        cfg = PruneConfig(criterion="magnitude", budget=Budget("flops", 0.5), calib=unlabelled, seed=1, **kw)
+        rep = prune(SAMPLE, tmp_path / f"{name}.onnx", cfg)
+        return rep, (tmp_path / f"{name}.onnx").read_bytes()
+
+    plain, plain_bytes = run("plain", recover=6)
+    capped, capped_bytes = run("capped", recover=6, recover_time=3600.0)
+    assert capped_bytes == plain_bytes
+    assert capped["recovery"]["steps_per_round"] == 6 and capped["recovery"]["seconds_per_round"] == 3600.0
+    assert capped["recovery"]["rounds"][0]["planned_steps"] == capped["recovery"]["rounds"][0]["steps"] == 6
+
+    none, none_bytes = run("none", recover_time=1e-6)
+    assert none["recovery"]["steps_per_round"] == 0 and none["recovery"]["rounds"][0]["tensors"] == []
+    assert none_bytes == run("oneshot", recover=0)[1]
+
+    timed, _ = run("timed", recover_time=2.0)
+    rnd = timed["recovery"]["rounds"][0]
+    assert rnd["planned_steps"] > 6 and rnd["steps"] == rnd["planned_steps"] == timed["recovery"]["steps_per_round"]
+    assert rnd["curve"][-1]["step"] == rnd["planned_steps"]  # the schedule ran whole
+    assert verify(SAMPLE, tmp_path / "timed.onnx", json.loads(json.dumps(timed, default=str)))["ok"]
+
+
+def test_time_budget_errors_are_one_line(tmp_path, unlabelled):
+    for args, needle in (
+        (("--recover-time", "0"), "positive number of seconds"),
+        (("--recover-time", "nan"), "positive number of seconds"),
+        (("--recover-time", "ten"), "expected seconds"),
+    ):
+        r = _cli("prune", SAMPLE, "-o", tmp_path / "x.onnx", "--keep-flops", "0.5", "--calib", unlabelled, *args)
+        assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("prune", SAMPLE, "-o", tmp_path / "x.onnx", "--keep-flops", "0.5", "--recover-time", "5")
+    assert r.returncode != 0 and "--calib" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_recover_command_errors_are_one_line(tmp_path, unlabelled):
     other = ROOT / "samples" / "heldout_regnet_se.onnx"  # (N,3,32,32) input: another signature
     for args, needle in (

@@ -51,7 +51,12 @@ def run(args, common) -> int:
     from ..recover import RecoverConfig, recover, teacher_targets, write_values
     from ..shapes import resolve as resolve_shapes
 
-    steps = 100 if args.recover is None else args.recover
+    from ..config import AUTO_RECOVER_STEPS, UNCAPPED_STEPS
+
+    if args.recover is not None:
+        steps = args.recover
+    else:
+        steps = AUTO_RECOVER_STEPS if args.recover_time is None else UNCAPPED_STEPS
     if args.recover_batch < 1:
         raise UserError(f"--recover-batch must be >= 1, got {args.recover_batch}")
     out = Path(args.output)
@@ -76,7 +81,7 @@ def run(args, common) -> int:
     before = evaluate(pruned, args.eval) if args.eval else None
     structure = _structure(pruned)
     cfg = RecoverConfig(steps=steps, lr=args.recover_lr, batch_size=args.recover_batch, seed=args.seed,
-                        device=args.device, mix=args.recover_mix)
+                        device=args.device, mix=args.recover_mix, seconds=args.recover_time)
     names, limit = [], 1 << 62
     if args.recover_features:
         from ..curvature.collect import available_bytes
@@ -93,7 +98,8 @@ def run(args, common) -> int:
     except Exception as exc:
         raise RuntimeError(f"internal error: recovered model fails onnx.checker: {exc}") from exc
     report = {"dense": str(args.dense), "pruned": str(args.pruned), "output": str(out), "calibration": str(args.calib),
-              "recovery": {"steps_per_round": steps, "lr": args.recover_lr, "batch": args.recover_batch,
+              "recovery": {"steps_per_round": res.planned, **({} if args.recover_time is None else
+                                                               {"seconds_per_round": args.recover_time}), "lr": args.recover_lr, "batch": args.recover_batch,
                            "rounds": [res.summary()]}}
     if args.eval:
         report["accuracy"] = {"dense": evaluate(dense, args.eval), "before": before, "after": evaluate(pruned, args.eval)}

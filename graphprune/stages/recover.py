@@ -6,7 +6,7 @@ import time
 
 import onnx
 
-from ..config import AUTO_RECOVER_STEPS, PruneConfig
+from ..config import AUTO_RECOVER_STEPS, UNCAPPED_STEPS, PruneConfig
 from ..errors import UserError
 from ..runtime import GraphModel
 from ..tracer import Trace
@@ -14,7 +14,15 @@ from .accuracy import evaluate
 
 
 def recovery_steps(config: PruneConfig) -> int:
-    """Recovery steps per round that ``config`` asks for (``recover=None``: automatic)."""
+    """Recovery steps per round that ``config`` asks for (``recover=None``: automatic; with
+    ``recover_time`` this is the cap of the count the time budget sets)."""
+    if config.recover_time is not None:
+        if not (config.recover_time > 0 and config.recover_time < float("inf")):
+            raise UserError(f"--recover-time must be a positive number of seconds, got {config.recover_time}")
+        if config.calib is None:
+            raise UserError("--recover-time distils from the dense model on the calibration inputs: give --calib FILE.npz")
+        if config.recover is None:
+            return UNCAPPED_STEPS
     if config.recover is None:
         auto = config.calib is not None and config.budget.kind != "lossless"
         return AUTO_RECOVER_STEPS if auto else 0
@@ -44,7 +52,9 @@ class Recovery:
                                                       int(0.25 * (available_bytes() or 1 << 34)))
         self.allowed = {name for name, t in tr.graph.tensors().items() if hasattr(t, "values")}
         self.cfg = RecoverConfig(steps=steps, lr=config.recover_lr, batch_size=config.recover_batch,
-                                 seed=config.seed, device=config.device, mix=config.recover_mix)
+                                 seed=config.seed, device=config.device, mix=config.recover_mix,
+                                 seconds=None if config.recover_time is None
+                                 else config.recover_time / max(config.steps, 1))
         self.dense = None
         if self.cfg.mix > 0:
             from ..export import export_graph
@@ -71,5 +81,9 @@ class Recovery:
         return sorted(res.values)
 
     def report(self) -> dict:
-        return {"steps_per_round": self.cfg.steps, "lr": self.config.recover_lr, "batch": self.config.recover_batch,
+        steps = self.cfg.steps
+        if self.cfg.seconds is not None:  # the count the time budget gave (the last round's)
+            steps = self.rounds[-1]["planned_steps"] if self.rounds else 0
+        extra = {} if self.cfg.seconds is None else {"seconds_per_round": self.cfg.seconds}
+        return {"steps_per_round": steps, **extra, "lr": self.config.recover_lr, "batch": self.config.recover_batch,
                 "rounds": self.rounds}
