@@ -75,3 +75,19 @@ def prune_random(model: onnx.ModelProto, *, keep: float = 0.5, seed: int = 0, rt
     res_proto = compare(masked_original(tr, removed, model), pruned, rtol=rtol)
     assert res_proto["ok"], res_proto
     return tr, pruned, res
+
+
+def record_gauss_newton_draws(monkeypatch) -> list:
+    """Record every Gaussian draw of the sampled Fisher (``SampleSeeds.normal``) into the returned
+    list, so a test can rebuild the targets the statistics used (dense output + drawn noise)."""
+    from graphprune.curvature import data as D
+
+    drawn, normal = [], D.SampleSeeds.normal
+
+    def spy(self, part, shape):
+        t = normal(self, part, shape)
+        drawn.append(t.numpy().copy())
+        return t
+
+    monkeypatch.setattr(D.SampleSeeds, "normal", spy)
+    return drawn

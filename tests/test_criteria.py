@@ -15,7 +15,7 @@ from graphprune.curvature.compensate import compensate
 from graphprune.curvature.data import CalibData, loss_value
 from graphprune.curvature.layers import layer_views
 from graphprune.runtime import run
-from tests.helpers import load_via_file, make_model, trace_of
+from tests.helpers import load_via_file, make_model, record_gauss_newton_draws, trace_of
 
 RNG = np.random.default_rng(1)
 
@@ -144,7 +144,6 @@ def test_taylor2_matches_the_loss_change_of_zeroing_a_unit(monkeypatch):
     exactly quadratic in the output layer, ΔL_c = −∂L/∂z_c + ½ Σ_o w2_oc² E[r_c²] when hidden unit c's
     column is zeroed, measured in onnxruntime. With one mini-batch taylor2's score is ΔL's square up
     to the sampled Fisher (E[ε²r²] for E[r²]); taylor's first order alone misses most of it."""
-    import graphprune.curvature.data as D
 
     rng = np.random.default_rng(0)
     n, hdim = 2000, 10
@@ -152,14 +151,7 @@ def test_taylor2_matches_the_loss_change_of_zeroing_a_unit(monkeypatch):
     w1, b1 = rng.standard_normal((hdim, 6)), rng.standard_normal(hdim) * 0.5
     w2, b2 = rng.standard_normal((4, hdim)) * 0.1, rng.standard_normal(4) * 0.1
     model = mlp(w1, b1, w2, b2)
-    drawn, normal = [], D.SampleSeeds.normal
-
-    def spy(self, part, shape):
-        t = normal(self, part, shape)
-        drawn.append(t.numpy().copy())
-        return t
-
-    monkeypatch.setattr(D.SampleSeeds, "normal", spy)
+    drawn = record_gauss_newton_draws(monkeypatch)
     est = {}
     for name in ("taylor", "taylor2"):
         drawn.clear()

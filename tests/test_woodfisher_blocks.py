@@ -17,7 +17,7 @@ from graphprune.curvature.data import CalibData
 from graphprune.curvature.layers import LayerView, layer_views
 from graphprune.runtime import run
 from tests.test_criteria import arr, convnet, hidden_group, mlp, with_w2
-from tests.helpers import load_via_file, make_model, trace_of
+from tests.helpers import load_via_file, make_model, record_gauss_newton_draws, trace_of
 
 
 def stats(model, x, labels, loss, needs, block_size, damping=1e-3, batch_size=16):
@@ -281,7 +281,6 @@ def test_woodtaylor_matches_the_loss_change_of_its_update(monkeypatch):
     loss measured in onnxruntime equals the exact minimum over the unit's block (KKT with A and ḡ);
     the score is that plus the Newton gain ½ ḡ_Bᵀ A_B⁻¹ ḡ_B; woodfisher's update, which ignores ḡ,
     does worse."""
-    import graphprune.curvature.data as D
 
     rng = np.random.default_rng(1)
     n, k, hdim, o = 3000, 6, 10, 4
@@ -289,14 +288,7 @@ def test_woodtaylor_matches_the_loss_change_of_its_update(monkeypatch):
     w1, b1 = rng.standard_normal((hdim, k)), rng.standard_normal(hdim) * 0.5
     w2, b2 = rng.standard_normal((o, hdim)) * 0.03, rng.standard_normal(o) * 0.1
     model = mlp(w1, b1, w2, b2)
-    drawn, normal = [], D.SampleSeeds.normal
-
-    def spy(self, part, shape):
-        t = normal(self, part, shape)
-        drawn.append(t.numpy().copy())
-        return t
-
-    monkeypatch.setattr(D.SampleSeeds, "normal", spy)
+    drawn = record_gauss_newton_draws(monkeypatch)
     tr, ctx = stats(model, x, None, "gauss-newton", {"woodfisher", "woodtaylor"}, 4, damping=1e-6, batch_size=500)
     dense = run(model, {"x": x})[0].astype(np.float64)
     target = dense + np.concatenate(drawn)
