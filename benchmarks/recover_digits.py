@@ -50,7 +50,9 @@ def cell(model: str, criterion: str, budget: float, calib: str, tmp: str, args) 
     cfg = PruneConfig(criterion=criterion, budget=Budget("flops", budget), calib=calib,
                       eval_data=os.path.join(ROOT, TEST), force=True, seed=args.seed,
                       recover=args.recover if args.recover_time is None or args.recover_set else None,
-                      recover_time=args.recover_time, steps=args.steps, recover_mix=args.mix)
+                      recover_time=args.recover_time, steps=args.steps, recover_mix=args.mix,
+                      recover_lr=args.recover_lr, recover_batch=args.recover_batch,
+                      recover_features=args.recover_features)
     t = time.perf_counter()
     try:
         rep = prune(os.path.join(ROOT, model), os.path.join(tmp, "out.onnx"), cfg)
@@ -88,6 +90,9 @@ def main(argv=None) -> int:
                     "--threads torch threads; recovery on these small nets is fastest at 1 thread)")
     ap.add_argument("--steps", type=int, default=1, help="pruning rounds (default 1)")
     ap.add_argument("--mix", type=float, default=0.5, help="--recover-mix (default 0.5, graphprune's default)")
+    ap.add_argument("--recover-lr", type=float, default=1e-3, help="graphprune's --recover-lr (default 1e-3)")
+    ap.add_argument("--recover-batch", type=int, default=32, help="graphprune's --recover-batch (default 32)")
+    ap.add_argument("--recover-features", action="store_true", help="graphprune's --recover-features")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="results stem (default benchmarks/results/recover_digits)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores; 1 on a busy machine)")
@@ -127,7 +132,9 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "recover": args.recover if args.recover_time is None or args.recover_set else None,
-            "recover_time": args.recover_time, "jobs": args.jobs, "steps": args.steps, "mix": args.mix, "calibration": CALIB + " (labels stripped)",
+            "recover_time": args.recover_time, "jobs": args.jobs, "steps": args.steps,
+            "recover_lr": args.recover_lr, "recover_batch": args.recover_batch,
+            "recover_features": args.recover_features, "mix": args.mix, "calibration": CALIB + " (labels stripped)",
             "test": TEST, "seconds": round(time.perf_counter() - t0, 1), "load_average": [load0, os.getloadavg()]}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
