@@ -4,11 +4,13 @@ pinned intra-op threads, timed until the 95% bootstrap interval of the speed-up 
 --max-time), and record MACs reduction, speed-up with its interval and efficiency (speed-up ÷ MACs
 reduction); for --keep-latency, where the measured latency lands against F x dense.
 
-    python benchmarks/speedup.py [--models resnet50,mobilenet_v2,yolov8n,vit] [--batches 1,8]
+    python benchmarks/speedup.py [--models resnet50,mobilenet_v2,yolov8n,vit_tiny,vit] [--batches 1,8]
         [--budgets flops0.7,flops0.7-auto,...,latency0.5] [--threads 1] [--work DIR] [--fresh]
 
 Models: ResNet-50 at 224 (samples/resnet50.py), MobileNetV2 at 224 (samples/imagenet.py), a
-YOLOv8n-sized detector at 640 (samples/yolov8n.py), the digits ViT (samples/digits_vit.onnx).
+YOLOv8n-sized detector at 640 (samples/yolov8n.py), a ViT at DeiT-Tiny sizes at 224
+(samples/transformers.py:vit_tiny), and the digits ViT (samples/digits_vit.onnx; 0.1 ms a batch, so
+its time is per-op overhead: it shows where a latency target cannot land).
 Budgets (default: all): flops0.7 / flops0.5 / flops0.3 (--round-to 1), the same with -auto
 (--round-to auto), latency0.7 / latency0.5 (--keep-latency, round-to auto). Magnitude criterion, no
 calibration data (latency does not depend on the weights' values).
@@ -35,6 +37,7 @@ MODELS = {  # name: (source for `graphprune convert` or an .onnx path, input sha
     "resnet50": ("samples/resnet50.py:resnet50", "1,3,224,224"),
     "mobilenet_v2": ("samples/imagenet.py:mobilenet_v2", "1,3,224,224"),
     "yolov8n": ("samples/yolov8n.py:yolov8n", "1,3,640,640"),
+    "vit_tiny": ("samples/transformers.py:vit_tiny", "1,3,224,224"),
     "vit": ("samples/digits_vit.onnx", "1,1,8,8"),
 }
 BUDGETS = ["flops0.7", "flops0.7-auto", "flops0.5", "flops0.5-auto", "flops0.3", "flops0.3-auto",

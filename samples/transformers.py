@@ -203,6 +203,14 @@ def vit() -> nn.Module:
     return ViT()
 
 
+def vit_tiny() -> nn.Module:
+    """DeiT-Tiny sizes (the ViT people ship on edge GPUs): 224x224 image, patch 16 (196 tokens + cls),
+    dim 192, 3 heads, 12 blocks, MLP 768, 1000 classes; ~5.7M parameters, ~1.26 GMACs. Random
+    weights: for latency benchmarks (``benchmarks/speedup.py``), where compute, not per-op overhead,
+    sets the time, unlike the 8x8 digits ViT."""
+    return ViT(img=224, patch=16, in_ch=3, dim=192, depth=12, heads=3, mlp_ratio=4.0, num_classes=1000)
+
+
 def vit_sep() -> nn.Module:
     """HF-style ViT (separate q/k/v, SDPA), same sizes as :func:`vit`."""
     return ViT(attn=SepAttention)
