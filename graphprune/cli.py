@@ -211,6 +211,9 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     lt.add_argument("--latency-precision", choices=("fp32", "fp16"), default="fp32",
                     help="precision the latency tables are measured in (fp16: fp16 layers; TensorRT builds fp16 "
                          "engines); default fp32")
+    lt.add_argument("--latency-attempts", type=int, default=5, metavar="N",
+                    help="--keep-latency: plan, measure end to end and correct at most N times, until the "
+                         "measured latency is within 5%% of the target (default 5)")
     lt.add_argument("--latency-cache", metavar="FILE",
                     help="per-layer latency cache (default ~/.cache/graphprune/latency.json)")
 
@@ -290,6 +293,8 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
         round_to = "auto" if getattr(args, "command", None) == "compress" or kind == "latency" else 1
     if args.latency_threads < 1:
         raise UserError(f"--latency-threads must be >= 1, got {args.latency_threads}")
+    if args.latency_attempts < 1:
+        raise UserError(f"--latency-attempts must be >= 1, got {args.latency_attempts}")
     hardware = {"provider": args.provider, "batch": args.latency_batch, "cache": args.latency_cache,
                 "threads": args.latency_threads, "precision": args.latency_precision}
     budget = Budget(kind, ratio, cap=args.max_group_removal, round_to=round_to, best_effort=args.best_effort,
@@ -313,7 +318,7 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
                        samples=args.samples, batch_size=args.batch_size, loss=args.loss,
                        compensate=args.compensate, damping=args.damping, device=args.device, steps=args.steps,
                        provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache,
-                       max_memory=args.max_memory, input_shapes=args.input_shape or None,
+                       latency_attempts=args.latency_attempts, max_memory=args.max_memory, input_shapes=args.input_shape or None,
                        block_size=args.block_size, recover=args.recover, recover_lr=args.recover_lr,
                        recover_batch=args.recover_batch, recover_features=args.recover_features,
                        recover_mix=args.recover_mix, recover_time=args.recover_time)
