@@ -61,9 +61,10 @@ class RecoverConfig:
     mix: float = 0.5  # fraction of each training batch replaced by mixed inputs (needs the dense model)
     seed: int = 0
     device: str = "cpu"
-    #: wall-clock budget of this call (s); None: exactly ``steps`` steps. With a budget, the step count is
-    #: sized from the measured time of a few probe steps (at most ``steps``), before training starts, so
-    #: the schedule runs whole; the report gives the count, and ``steps=that`` alone reproduces the run
+    #: wall-clock budget of this call (s); None: exactly ``steps`` steps. With a budget, a few probe steps
+    #: size the warm-up and the warm-up's measured speed the cosine phase (at most ``steps`` in all), so
+    #: the schedule runs whole; the report gives the count. The count depends on the machine's speed:
+    #: only a cap the budget does not reach (``steps`` run) reproduces a plain ``steps`` run exactly
     seconds: float | None = None
 
 

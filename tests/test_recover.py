@@ -133,8 +133,6 @@ def test_eigendamage_recovers_and_verifies(tmp_path, unlabelled):
     """EigenDamage's bottleneck factors are trained with everything else; the report still verifies
     (bottleneck ranks + the function of the original structure carrying the trained weights) and a
     tampered bottleneck weight or a wrong rank is refused."""
-    from onnx import numpy_helper
-
     out = tmp_path / "ed.onnx"
     rep = prune(SAMPLE, out, PruneConfig(criterion="eigendamage", budget=Budget("flops", 0.4), calib=unlabelled,
                                          recover=20, eval_data=TEST))
