@@ -60,10 +60,11 @@ def _outputs(out: str, ratios: list[float] | None) -> list[str]:
 
 
 def run(args, common) -> int:
+    import dataclasses
+
     from ..bench import benchmark
     from ..distributed import is_main
     from ..io import load_model, write_json_atomic
-    import dataclasses
     from ..report_html import render
 
     cfg = common["config_from_args"](args, default_budget=("flops", 0.5))

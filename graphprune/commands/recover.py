@@ -98,9 +98,10 @@ def run(args, common) -> int:
     except Exception as exc:
         raise RuntimeError(f"internal error: recovered model fails onnx.checker: {exc}") from exc
     report = {"dense": str(args.dense), "pruned": str(args.pruned), "output": str(out), "calibration": str(args.calib),
-              "recovery": {"steps_per_round": res.planned, **({} if args.recover_time is None else
-                                                               {"seconds_per_round": args.recover_time}), "lr": args.recover_lr, "batch": args.recover_batch,
+              "recovery": {"steps_per_round": res.planned, "lr": args.recover_lr, "batch": args.recover_batch,
                            "rounds": [res.summary()]}}
+    if args.recover_time is not None:
+        report["recovery"]["seconds_per_round"] = args.recover_time
     if args.eval:
         report["accuracy"] = {"dense": evaluate(dense, args.eval), "before": before, "after": evaluate(pruned, args.eval)}
     from ..distributed import is_main
