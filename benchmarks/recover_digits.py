@@ -47,7 +47,7 @@ TIME_BUDGET_S = 120
 
 def cell(model: str, criterion: str, budget: float, calib: str, tmp: str, args) -> dict:
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))  # also in --jobs workers
-    cfg = PruneConfig(criterion=criterion, budget=Budget("flops", budget), calib=calib,
+    cfg = PruneConfig(criterion=criterion, budget=Budget("flops", budget, cap=args.max_group_removal), calib=calib,
                       eval_data=os.path.join(ROOT, TEST), force=True, seed=args.seed,
                       recover=args.recover if args.recover_time is None or args.recover_set else None,
                       recover_time=args.recover_time, steps=args.steps, recover_mix=args.mix,
@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recover-lr", type=float, default=1e-3, help="graphprune's --recover-lr (default 1e-3)")
     ap.add_argument("--recover-batch", type=int, default=32, help="graphprune's --recover-batch (default 32)")
     ap.add_argument("--recover-features", action="store_true", help="graphprune's --recover-features")
+    ap.add_argument("--max-group-removal", type=float, default=0.9, metavar="F",
+                    help="graphprune's --max-group-removal (default 0.9)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="results stem (default benchmarks/results/recover_digits)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores; 1 on a busy machine)")
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
             "recover": args.recover if args.recover_time is None or args.recover_set else None,
             "recover_time": args.recover_time, "jobs": args.jobs, "steps": args.steps,
             "recover_lr": args.recover_lr, "recover_batch": args.recover_batch,
-            "recover_features": args.recover_features, "mix": args.mix, "calibration": CALIB + " (labels stripped)",
+            "recover_features": args.recover_features, "mix": args.mix,
+            "max_group_removal": args.max_group_removal, "calibration": CALIB + " (labels stripped)",
             "test": TEST, "seconds": round(time.perf_counter() - t0, 1), "load_average": [load0, os.getloadavg()]}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

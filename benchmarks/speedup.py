@@ -33,6 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from graphprune.bench import MAC_OPS  # noqa: E402
+
 MODELS = {  # name: (source for `graphprune convert` or an .onnx path, input shape)
     "resnet50": ("samples/resnet50.py:resnet50", "1,3,224,224"),
     "mobilenet_v2": ("samples/imagenet.py:mobilenet_v2", "1,3,224,224"),
@@ -104,7 +106,8 @@ def run_row(name: str, batch: int, budget: str, args, work: str, log: str) -> di
     bench_json = os.path.join(work, f"{tag}_bench_b{batch}.json")
     load_before = os.getloadavg()
     cli("bench", dense, pruned, "--batch", batch, "--threads", args.threads, "--runs", args.runs, "--warmup", 5,
-        "--ci", args.ci, "--max-time", args.max_time, "--quantile", args.quantile, "--json", bench_json, log=log)
+        "--ci", args.ci, "--max-time", args.max_time, "--quantile", args.quantile, "--profile", args.profile,
+        "--json", bench_json, log=log)
     res = json.load(open(bench_json))
     rows = {r["model"]: r for r in res["results"]}
     d, p = rows[os.path.basename(dense)], rows[os.path.basename(pruned)]
@@ -118,6 +121,18 @@ def run_row(name: str, batch: int, budget: str, args, work: str, log: str) -> di
            "slower_than_dense": hi < 1.0, "budget_met": rep.get("budget_met"), "prune_seconds": round(prune_s, 1),
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
            "bench_threads": res["settings"]["threads"], "quantile": res["settings"]["quantile"]}
+    profiles = {q["model"]: q for q in res.get("profiles", [])}
+    pd, pp = profiles.get(os.path.basename(dense)), profiles.get(os.path.basename(pruned))
+    if pd and pp and pd["mac_ops_ms"] > 0 and pd["other_ops_ms"] > 0:
+        # where the time went (onnxruntime's profiler): the MAC ops against everything else
+        share = pd["other_ops_ms"] / pd["kernel_ms"]
+        row.update({"mac_ops_time_ratio": pp["mac_ops_ms"] / pd["mac_ops_ms"],
+                    "other_ops_time_ratio": pp["other_ops_ms"] / pd["other_ops_ms"],
+                    "other_ops_share_dense": share,
+                    # the efficiency if the MAC ops' time fell exactly with the MACs and the rest not at all
+                    "efficiency_other_ops_fixed": 1 / ((1 - share) / macs_red + share) / macs_red})
+        row["other_ops_top"] = [[op, round(ms, 3), round(pp["by_op"].get(op, 0.0), 3)]
+                                for op, ms in pd["by_op"].items() if op not in MAC_OPS][:5]
     if kind == "latency":
         lat = rep["latency"]
         # measured pruned / (F x dense) - 1, from the independent measurement and its interval
@@ -132,6 +147,15 @@ def run_row(name: str, batch: int, budget: str, args, work: str, log: str) -> di
     return row
 
 
+def profile_cell(r: dict) -> str:
+    """Pruned/dense kernel time of the MAC ops and of all other ops, and the other ops' share of the
+    dense model's kernel time (from the profiled runs); empty for rows measured without a profile."""
+    if "mac_ops_time_ratio" not in r:
+        return ""
+    return (f"x{r['mac_ops_time_ratio']:.2f} / x{r['other_ops_time_ratio']:.2f} "
+            f"({r['other_ops_share_dense']:.0%})")
+
+
 def write_results(rows: list[dict], out: str, env: dict) -> None:
     with open(out + ".json", "w") as fh:
         json.dump({"env": env, "rows": rows}, fh, indent=2)
@@ -139,10 +163,12 @@ def write_results(rows: list[dict], out: str, env: dict) -> None:
              f"{env['onnxruntime']} CPUExecutionProvider, {env['threads']} intra-op thread(s); every row re-measured "
              f"in a fresh process (`graphprune bench`, interleaved, until the 95% interval of the speed-up is within "
              f"±{env['ci']:.0%} or {env['max_time']:g} s). Efficiency = speed-up / MACs reduction. Landing = measured "
-             f"pruned latency / (F x dense) - 1.", "",
+             f"pruned latency / (F x dense) - 1. Time x: pruned / dense kernel time of the MAC ops (Conv, MatMul, "
+             f"Gemm, fused forms) and of every other op (activations, concats, reorders, softmax...), from "
+             f"onnxruntime's profiler (`graphprune bench --profile`), with the other ops' share of the dense time.", "",
              "| model | batch | budget | MACs kept | dense p50 ms | pruned p50 ms | speed-up [95% CI] | MACs reduction "
-             "| efficiency | landing [95% CI] | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| efficiency | landing [95% CI] | time x: MAC ops / other ops (other share) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["speedup_ci"]
         landing = (f"{r['landing']:+.1%} [{r['landing_ci'][0]:+.1%}, {r['landing_ci'][1]:+.1%}]"
@@ -160,7 +186,7 @@ def write_results(rows: list[dict], out: str, env: dict) -> None:
                   + (" --round-to auto" if r["kind"] == "flops" and r["round_to"] == "auto" else ""))
         lines.append(f"| {r['model']} | {r['batch']} | {budget} | {r['macs_ratio']:.1%} | {r['dense_p50_ms']:.3f} | "
                      f"{r['pruned_p50_ms']:.3f} | x{r['speedup']:.2f} [{lo:.2f}, {hi:.2f}] | x{r['macs_reduction']:.2f} | "
-                     f"{r['efficiency']:.2f} | {landing} | {'; '.join(notes)} |")
+                     f"{r['efficiency']:.2f} | {landing} | {profile_cell(r)} | {'; '.join(notes)} |")
     checks = []
     for name in ("resnet50", "yolov8n"):
         r = next((r for r in rows if r["model"] == name and r["batch"] == 8 and r["budget"] == "flops0.5-auto"), None)
@@ -188,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ci", type=float, default=0.02, help="target relative half-width of the speed-up interval")
     ap.add_argument("--max-time", type=float, default=120.0, help="seconds of timed runs per measurement at most")
     ap.add_argument("--runs", type=int, default=20, help="timed runs per model before the interval is checked")
+    ap.add_argument("--profile", type=int, default=3, help="profiled runs per model after the timing (`graphprune "
+                    "bench --profile`): where the time went, MAC ops against the rest (0: off)")
     ap.add_argument("--quantile", type=float, default=0.5, help="speed-ups compare this quantile (default p50)")
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "graphprune", "speedup"),
                     help="models, reports, latency cache and per-row results (resumable)")
@@ -211,7 +239,7 @@ def main(argv=None) -> int:
 
     env = {"cpu": device_name("cpu"), "cpu_count": os.cpu_count(), "python": platform.python_version(),
            "onnxruntime": ort.__version__, "threads": args.threads, "ci": args.ci, "max_time": args.max_time,
-           "quantile": args.quantile}
+           "quantile": args.quantile, "profile_runs": args.profile}
     t0 = time.perf_counter()
     for name in models:
         for batch in batches:

@@ -22,7 +22,7 @@ import onnx
 
 from . import log
 from .errors import UserError
-from .runtime import random_inputs
+from .runtime import random_inputs, session
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -107,8 +107,6 @@ def _static_batch_conflict(model: onnx.ModelProto, batch: int) -> str | None:
 
 
 def _session(model: onnx.ModelProto, name: str, providers: list[str], threads: int | None):
-    from .runtime import session
-
     return session(model, providers, threads=threads, name=name)
 
 
@@ -221,7 +219,7 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
               min_time: float | None = None, io_binding: bool = False, threads: int | None = None,
               seed: int = 0, clock=time.perf_counter_ns, on_run=None, input_shapes=None,
               ci: float | None = None, max_time: float = 60.0, conf: float = 0.95,
-              precision: str = "fp32", quantile: float = 0.5) -> dict:
+              precision: str = "fp32", quantile: float = 0.5, profile_runs: int = 0) -> dict:
     """Time every model at every batch size; see the module docstring for the method.
 
     `min_time` (seconds) keeps iterating past `runs` until that much time was spent per batch size.
@@ -232,7 +230,9 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
     process, recorded in the settings). `precision` fp16 enables TensorRT's fp16 kernels.
     `on_run(name, batch, phase, iteration)` is called after each inference ("warmup" or "timed").
     `input_shapes` (``--input-shape`` strings or {input: dims}) sets the input size of models with
-    dynamic dims (applied to every model; each model's static dims otherwise)."""
+    dynamic dims (applied to every model; each model's static dims otherwise). ``profile_runs``:
+    after the timing, each model also runs that many profiled inferences per batch size in a session
+    of its own (same provider and threads), kernel time per op type in ``result["profiles"]``."""
     if not models:
         raise UserError("no models to benchmark")
     if warmup < 0 or runs < 1 or any(int(b) < 1 for b in batches) or (threads is not None and threads < 1):
@@ -266,8 +266,9 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
               "settings": {"batches": [int(b) for b in batches], "warmup": warmup, "runs": runs,
                            "min_time": min_time, "threads": threads, "seed": seed,
                            "input_shapes": describe(shapes), "ci": ci, "conf": conf, "max_time": max_time,
-                           "precision": precision, "quantile": quantile},
-              "machine": machine_info(used), "models": entries, "results": [], "skipped": [], "notes": []}
+                           "precision": precision, "quantile": quantile, "profile_runs": profile_runs},
+              "machine": machine_info(used), "models": entries, "results": [], "skipped": [], "notes": [],
+              "profiles": []}
     for batch in (int(b) for b in batches):
         active = []  # (index, name, run callable)
         for i, ((name, model, _), sess) in enumerate(zip(named, sessions)):
@@ -292,6 +293,19 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
             else:
                 row.update({"speedup": 1.0, "speedup_ci": [1.0, 1.0], "baseline": named[base][0]})
             result["results"].append(row)
+        if profile_runs:
+            import tempfile
+
+            log.info(f"bench: batch {batch}, {profile_runs} profiled runs per model (onnxruntime profiler)")
+            with tempfile.TemporaryDirectory(prefix="graphprune-profile-") as d:
+                for i, _, _ in sorted(active):
+                    name, model, _ = named[i]
+                    sess = session(model, provider_options(providers, precision), threads=threads, name=name,
+                                   profile=os.path.join(d, f"model{i}"))
+                    feeds = random_inputs(model, batch, seed, shapes=sizes[i])
+                    prof = op_profile(sess, _runner(sess, feeds, io_binding), profile_runs)
+                    result["profiles"].append({"model": name, "batch": batch, **prof})
+                    del sess
     return result
 
 
@@ -346,6 +360,47 @@ def _interleaved(active, batch, warmup, runs, min_time, clock, on_run, *, ci=Non
         if gc_was_enabled:
             gc.enable()
     return times, stop
+
+
+#: ops whose time is the multiply-accumulates graphprune counts (onnxruntime's fused forms included):
+#: a profile splits a model's time into these and everything else (activations, copies, concats,
+#: layout reorders, softmax), which pruning shrinks with the channels at best, not with the MACs
+MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
+                     "NhwcConv", "NhwcFusedConv", "ConvGrad", "Attention", "MultiHeadAttention",
+                     "GroupQueryAttention", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                     "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention"})
+
+
+def op_profile(sess, run, runs: int = 5) -> dict:
+    """Per-op-type kernel time (ms per inference) from onnxruntime's own profiler: ``sess`` was made
+    with profiling on (``runtime.session(..., profile=prefix)``), ``run`` does one inference. The first
+    inference is a warm-up and is left out; its profile file is deleted once read."""
+    import json
+
+    for _ in range(runs + 1):
+        run()
+    path = sess.end_profiling()
+    try:
+        with open(path) as f:
+            events = json.load(f)
+    finally:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    starts = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                    if e.get("cat") == "Session" and e.get("name") == "model_run")
+    after = starts[0][1] if len(starts) > runs else -1  # the end of the warm-up run
+    counted = max(1, len(starts) - (1 if after >= 0 else 0))
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and e.get("ts", 0) >= after:
+            op = (e.get("args") or {}).get("op_name") or "?"
+            by_op[op] = by_op.get(op, 0.0) + e.get("dur", 0) / 1e3 / counted
+    mac = sum(v for k, v in by_op.items() if k in MAC_OPS)
+    total = sum(by_op.values())
+    return {"runs": counted, "kernel_ms": total, "mac_ops_ms": mac, "other_ops_ms": total - mac,
+            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
 
 
 def speedups(result: dict, baseline: int | str = 0) -> dict[str, dict[int, float]]:

@@ -80,17 +80,18 @@ class _FedSession:
 
 
 def session(model, providers=("CPUExecutionProvider",), *, threads: int | None = None,
-            name: str | None = None, prepack: bool = True):
+            name: str | None = None, prepack: bool = True, profile: str | None = None):
     """An onnxruntime session (all graph optimisations on) for a ModelProto or a GraphModel;
     failures are one-line UserErrors. ``prepack=False`` keeps onnxruntime from holding a second,
-    pre-packed copy of the weights (for sessions run a few times only, like verification)."""
+    pre-packed copy of the weights (for sessions run a few times only, like verification).
+    ``profile``: onnxruntime's own profiler on, its JSON file named from this prefix."""
     import onnxruntime as ort
 
     from .io import use_files, write_model_files
 
     if isinstance(model, GraphModel):
-        return _FedSession(session(model.model, providers, threads=threads, name=name, prepack=prepack),
-                           model.weights)
+        return _FedSession(session(model.model, providers, threads=threads, name=name, prepack=prepack,
+                                   profile=profile), model.weights)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors come back as exceptions (one line); ort would also print them
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -98,6 +99,9 @@ def session(model, providers=("CPUExecutionProvider",), *, threads: int | None =
         opts.intra_op_num_threads = threads
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
     prefix = f"{name}: " if name else ""
     try:
         if not use_files(model):

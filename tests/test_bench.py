@@ -245,6 +245,29 @@ def test_cli_sample_model_and_static_note(tmp_path, capsys):
     assert [(r[0], r[1]) for r in rows] == [("digits_resnet.onnx", "1"), ("static.onnx", "1"), ("digits_resnet.onnx", "2")]
 
 
+def test_cli_profile_splits_kernel_time_by_op_type(two_files, tmp_path, capsys):
+    """--profile N: onnxruntime's profiler, per op type, for every model; MAC ops against the rest."""
+    small_p, big_p = two_files
+    out = tmp_path / "bench.json"
+    before = set(os.listdir(ROOT))
+    assert cli("bench", small_p, big_p, "--runs", 3, "--warmup", 1, "--batch", "2", "--ci", 0, "--threads", 1,
+               "--profile", 3, "--json", out) == 0
+    text = capsys.readouterr().out
+    assert "profile at batch 2 (onnxruntime profiler, kernel ms per inference, mean of 3 runs):" in text
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith(("Conv", "MAC", "all"))}
+    assert "(x" in lines["Conv"] and "(x" in lines["MAC"]  # the second model's ratio to the first
+    profiles = json.loads(out.read_text())["profiles"]
+    assert [(p["model"], p["batch"], p["runs"]) for p in profiles] == [("small.onnx", 2, 3), ("big.onnx", 2, 3)]
+    for p in profiles:
+        assert p["by_op"]["Conv"] > 0 and p["mac_ops_ms"] >= p["by_op"]["Conv"]
+        assert p["kernel_ms"] == pytest.approx(p["mac_ops_ms"] + p["other_ops_ms"])
+        assert p["kernel_ms"] == pytest.approx(sum(p["by_op"].values()))
+    small, big = profiles
+    # 3 convs of 64 channels against one of 4: the profile must see the MAC ops' time grow
+    assert big["mac_ops_ms"] > 5 * small["mac_ops_ms"]
+    assert set(os.listdir(ROOT)) == before  # the profiler's files went to a temporary folder, then away
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA is available: nothing to fall back from")
 def test_cli_cuda_fallback_warns(two_files, capsys):
     assert cli("bench", two_files[0], "--provider", "cuda", "--runs", 2, "--warmup", 0, "--batch", 1) == 0
@@ -262,6 +285,7 @@ def test_cli_cuda_fallback_warns(two_files, capsys):
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--min-time", "0"], "--min-time must be > 0"),
+    (["--profile", "-1"], "--profile must be >= 0 runs"),
     (["--runs", "many"], "argument --runs: invalid int value"),
     (["--provider", "tpu"], "argument --provider: invalid choice"),
 ])

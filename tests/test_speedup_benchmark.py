@@ -31,12 +31,16 @@ def test_smallest_configuration_and_resume(tmp_path):
         assert lo <= r["speedup"] <= hi and r["speedup"] > 0
         assert abs(r["efficiency"] - r["speedup"] / r["macs_reduction"]) < 1e-9
         assert r["macs_ratio"] <= 1 and r["runs"] >= 5  # a 0.05 ms ViT's latency target may prune nothing
+        # where the time went, from the profiled runs: both ratios measured, the share a fraction
+        assert r["mac_ops_time_ratio"] > 0 and r["other_ops_time_ratio"] > 0 and 0 < r["other_ops_share_dense"] < 1
+        assert r["other_ops_top"] and all(op not in ("MatMul", "Gemm", "Conv") for op, _, _ in r["other_ops_top"])
     auto = rows["flops0.5-auto"]
     assert auto["round_to"] == "auto" and auto["macs_ratio"] <= 0.5 + 1e-9
     lat = rows["latency0.7"]
     assert "landing" in lat and lat["landing_ci"][0] <= lat["landing"] <= lat["landing_ci"][1]
     md = (tmp_path / "res.md").read_text()
     assert "| vit | 1 | --keep-flops 0.5 --round-to auto |" in md and "--keep-latency 0.7" in md
+    assert "time x: MAC ops / other ops (other share)" in md and f"x{auto['mac_ops_time_ratio']:.2f} / " in md
     assert (work / "latency.json").exists() and (work / "commands.log").exists()
     # resumable: the rows exist, nothing is pruned or measured again, the table is rebuilt from them
     log_size = (work / "commands.log").stat().st_size

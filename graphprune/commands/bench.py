@@ -30,6 +30,10 @@ def register(sub, common) -> None:
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="fp16: TensorRT builds fp16 engines (other providers run the model as it is)")
     p.add_argument("--io-binding", action="store_true", help="keep inputs/outputs on the GPU (CUDA/TensorRT)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, N profiled runs per model and batch (onnxruntime's profiler): kernel time "
+                        "per op type, and the split between MAC ops (Conv, MatMul, Gemm and their fused forms) "
+                        "and everything else, which shows where a speed-up falls short of the MACs removed")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--json", metavar="FILE", help="write the full result as JSON here")
     common["add_input_shape"](p, "input size of the random inputs (batch replaced by --batch): 1,3,640,640, or "
@@ -62,6 +66,8 @@ def _check_args(args, common) -> list[int]:
         raise UserError(f"--ci must be in [0, 1), got {args.ci}")
     if not 0 < args.quantile < 1:
         raise UserError(f"--quantile must be in (0, 1), got {args.quantile}")
+    if args.profile < 0:
+        raise UserError(f"--profile must be >= 0 runs, got {args.profile}")
     if not args.max_time > 0:
         raise UserError(f"--max-time must be > 0 seconds, got {args.max_time}")
     if args.json:  # fail before a long run, not after it
@@ -91,7 +97,7 @@ def run(args, common) -> int:
     res = benchmark(models, provider=args.provider, batches=batches, warmup=args.warmup, runs=args.runs,
                     min_time=args.min_time, io_binding=args.io_binding, threads=args.threads, seed=args.seed,
                     input_shapes=args.input_shape or None, ci=args.ci or None, max_time=args.max_time,
-                    precision=args.precision, quantile=args.quantile)
+                    precision=args.precision, quantile=args.quantile, profile_runs=args.profile)
     for entry, path in zip(res["models"], args.models):
         entry["source"] = path
     res["speedups"] = {n: {str(b): s for b, s in per.items()} for n, per in speedups(res).items()}
@@ -122,7 +128,38 @@ def run(args, common) -> int:
         capped = sorted({r["batch"] for r in res["results"] if r.get("stopped") == "max_time"})
         if capped:
             print(f"note: batch {','.join(map(str, capped))}: the time cap came before the ±{args.ci:.0%} interval")
+    for batch in dict.fromkeys(p["batch"] for p in res["profiles"]):
+        print_profile([p for p in res["profiles"] if p["batch"] == batch], batch)
     if args.json:
         write_json_atomic(res, args.json)
         print(f"json: {args.json}")
     return 0
+
+
+def print_profile(profiles: list[dict], batch: int, top: int = 10) -> None:
+    """Kernel ms per inference by op type, one column per model, each with its ratio to the first."""
+    from ..bench import MAC_OPS
+
+    ops: dict[str, float] = {}
+    for p in profiles:
+        for op, ms in p["by_op"].items():
+            ops[op] = max(ops.get(op, 0.0), ms / max(p["kernel_ms"], 1e-12))
+    shown = [op for op, share in sorted(ops.items(), key=lambda kv: -kv[1]) if share >= 0.01][:top]
+    names = [p["model"] for p in profiles]
+    w = max(14, *(len(n) for n in names))
+    base = profiles[0]
+
+    def cell(p, get) -> str:
+        v, b = get(p), get(base)
+        ratio = f" (x{v / b:.2f})" if p is not base and b > 0 else ""
+        return f"{v:.2f}{ratio}"
+
+    print(f"profile at batch {batch} (onnxruntime profiler, kernel ms per inference, mean of {base['runs']} runs):")
+    print(f"{'op type':<22}" + "".join(f" {n:>{w + 9}}" for n in names))
+    for op in shown:
+        print(f"{op + (' *' if op in MAC_OPS else ''):<22}" + "".join(f" {cell(p, lambda q: q['by_op'].get(op, 0.0)):>{w + 9}}"
+                                                                 for p in profiles))
+    rest = lambda q: q["kernel_ms"] - sum(q["by_op"].get(op, 0.0) for op in shown)  # noqa: E731
+    print(f"{'(other op types)':<22}" + "".join(f" {cell(p, rest):>{w + 9}}" for p in profiles))
+    for label, key in (("MAC ops *", "mac_ops_ms"), ("all other ops", "other_ops_ms"), ("all kernels", "kernel_ms")):
+        print(f"{label:<22}" + "".join(f" {cell(p, lambda q: q[key]):>{w + 9}}" for p in profiles))
