@@ -7,6 +7,13 @@ import pytest
 
 os.environ.setdefault("GRAPHPRUNE_QUIET", "1")
 
+# Under pytest-xdist (`-n N`) the workers share the cores: each worker's PyTorch (and the
+# subprocesses it starts) gets its share of the threads instead of all of them (read by torch at
+# import, so set before any test module imports it).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 EXPORTERS = ("torchscript", "dynamo")
 
 

@@ -66,7 +66,8 @@ def test_keep_latency_reports_predicted_and_measured(tmp_path, zoo_model):
     cache = tmp_path / "lat.json"
     rep = tmp_path / "r.json"
     args = ["prune", zoo_model("resnet_basic", "dynamo"), "-o", tmp_path / "o.onnx", "--keep-latency", "0.6",
-            "--latency-batch", "4", "--latency-cache", cache, "--best-effort", "--report", rep]
+            "--latency-batch", "4", "--latency-cache", cache, "--best-effort", "--latency-attempts", "2",
+            "--report", rep]
     res = run(*args)
     assert res.returncode == 0, res.stderr
     lat = json.loads(rep.read_text())["latency"]
