@@ -52,6 +52,7 @@ def cell(model: str, criterion: str, budget: float, calib: str, tmp: str, args) 
                       recover=args.recover if args.recover_time is None or args.recover_set else None,
                       recover_time=args.recover_time, steps=args.steps, recover_mix=args.mix,
                       recover_lr=args.recover_lr, recover_batch=args.recover_batch,
+                      recover_temperature=args.recover_temperature,
                       recover_features=args.recover_features)
     t = time.perf_counter()
     try:
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1, help="pruning rounds (default 1)")
     ap.add_argument("--mix", type=float, default=0.5, help="--recover-mix (default 0.5, graphprune's default)")
     ap.add_argument("--recover-lr", type=float, default=1e-3, help="graphprune's --recover-lr (default 1e-3)")
+    ap.add_argument("--recover-temperature", type=float, default=PruneConfig.recover_temperature,
+                    help=f"graphprune's --recover-temperature (default {PruneConfig.recover_temperature:g})")
     ap.add_argument("--recover-batch", type=int, default=32, help="graphprune's --recover-batch (default 32)")
     ap.add_argument("--recover-features", action="store_true", help="graphprune's --recover-features")
     ap.add_argument("--max-group-removal", type=float, default=0.9, metavar="F",
@@ -136,6 +139,7 @@ def main(argv=None) -> int:
             "recover": args.recover if args.recover_time is None or args.recover_set else None,
             "recover_time": args.recover_time, "jobs": args.jobs, "steps": args.steps,
             "recover_lr": args.recover_lr, "recover_batch": args.recover_batch,
+            "recover_temperature": args.recover_temperature,
             "recover_features": args.recover_features, "mix": args.mix,
             "max_group_removal": args.max_group_removal, "calibration": CALIB + " (labels stripped)",
             "test": TEST, "seconds": round(time.perf_counter() - t0, 1), "load_average": [load0, os.getloadavg()]}

@@ -125,6 +125,8 @@ def _round_to(text: str):
 
 
 def add_recover_options(p: argparse.ArgumentParser, steps_flag: str = "--recover") -> None:
+    from .config import PruneConfig
+
     rc = p.add_argument_group("recovery: distillation from the dense model on the --calib inputs")
     rc.add_argument(steps_flag, dest="recover", type=_recover_steps, default=None, metavar="STEPS",
                     help="training steps per pruning round (0 = off; default: 100 when --calib is given)")
@@ -135,6 +137,10 @@ def add_recover_options(p: argparse.ArgumentParser, steps_flag: str = "--recover
     rc.add_argument("--recover-lr", type=_tolerance, default=1e-3, metavar="LR",
                     help="AdamW learning rate, cosine schedule (default 1e-3)")
     rc.add_argument("--recover-batch", type=int, default=32, metavar="B", help="mini-batch size (default 32)")
+    rc.add_argument("--recover-temperature", type=_tolerance, default=PruneConfig.recover_temperature, metavar="T",
+                    help="temperature of the distillation KL on classifier logits: the dense model's softened "
+                         "probabilities are the targets, the loss scaled by T^2 (default "
+                         f"{PruneConfig.recover_temperature:g})")
     rc.add_argument("--recover-mix", type=_fraction, default=0.5, metavar="F",
                     help="fraction of each mini-batch replaced by mixtures of two calibration inputs, the dense "
                          "model's outputs on them computed on the fly: more distinct inputs than the file holds "
@@ -320,6 +326,7 @@ def config_from_args(args, default_budget: tuple[str, float] | None = None):
                        provider=args.provider, latency_batch=args.latency_batch, latency_cache=args.latency_cache,
                        latency_attempts=args.latency_attempts, max_memory=args.max_memory, input_shapes=args.input_shape or None,
                        block_size=args.block_size, recover=args.recover, recover_lr=args.recover_lr,
+                       recover_temperature=args.recover_temperature,
                        recover_batch=args.recover_batch, recover_features=args.recover_features,
                        recover_mix=args.recover_mix, recover_time=args.recover_time)
 

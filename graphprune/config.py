@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from .planner import Budget
 
+#: the distillation temperature recovery uses unless told (PruneConfig and recover.RecoverConfig)
+RECOVER_TEMPERATURE = 1.0
+
 #: what ``--criterion auto`` (the default) means with calibration data (without it: magnitude, since
 #: curvature from noise inputs means nothing); chosen from the held-out table in the README
 AUTO_CRITERION = "taylor"
@@ -34,6 +37,7 @@ class PruneConfig:
     # AUTO_RECOVER_STEPS when --calib is given, else off
     recover: int | None = None
     recover_lr: float = 1e-3
+    recover_temperature: float = RECOVER_TEMPERATURE  # τ of the distillation KL on classifier logits
     recover_batch: int = 32
     recover_features: bool = False  # also match block-boundary activations the plan left whole
     recover_mix: float = 0.5  # fraction of each recovery batch replaced by mixed calibration inputs

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from . import log
+from .config import RECOVER_TEMPERATURE
 from .errors import UserError
 
 #: ops whose parameter inputs recovery trains, and which input positions those are
@@ -52,7 +53,7 @@ class RecoverConfig:
     lr: float = 1e-3
     batch_size: int = 32
     holdout: float = 0.125  # fraction of the calibration inputs held out for early stopping
-    temperature: float = 1.0
+    temperature: float = RECOVER_TEMPERATURE  # τ of the KL on classifier logits (softened dense targets), loss × τ²
     anchor: float = 0.0  # L2 penalty on the change from the starting (compensated) weights
     feature_weight: float = 1.0  # weight of the intermediate-feature term (when features are given)
     weight_decay: float = 0.0
@@ -263,6 +264,8 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         raise UserError(f"--recover-lr must be a positive number, got {cfg.lr}")
     if cfg.batch_size < 1:
         raise UserError(f"--recover-batch must be >= 1, got {cfg.batch_size}")
+    if not (cfg.temperature > 0 and math.isfinite(cfg.temperature)):
+        raise UserError(f"--recover-temperature must be a positive number, got {cfg.temperature}")
     t0 = time.perf_counter()
     kinds = output_kinds(pruned)
     names = trainable_names(pruned, allowed)

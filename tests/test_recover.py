@@ -211,6 +211,29 @@ def test_per_position_outputs_are_distilled_with_kl_along_the_softmax_axis(op, k
     assert res.history[-1]["holdout_loss"] < 0.05 * res.history[0]["holdout_loss"]
 
 
+def test_temperature_softens_the_targets_and_scales_the_kl_by_its_square():
+    """kl at temperature T: KL(softmax(t/T) || softmax(o/T)) T^2 per sample, batch-averaged (Hinton
+    et al.'s scaling keeps the gradient's size comparable across T); zero when the logits agree; a
+    temperature that is not a positive number is a one-line error."""
+    import torch
+
+    from graphprune.recover import _distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    o, t = torch.randn(6, 10, generator=g) * 3, torch.randn(6, 10, generator=g) * 3
+    for T in (1.0, 2.0, 4.0):
+        got = _distill_loss([("kl", 1)], [o], [t], None, T, False, [1.0])
+        p, q = torch.softmax(t / T, 1), torch.softmax(o / T, 1)
+        want = (p * (p.log() - q.log())).sum(1).mean() * T * T
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+        assert float(_distill_loss([("kl", 1)], [t], [t], None, T, False, [1.0])) == pytest.approx(0.0, abs=1e-6)
+    model = _softmax_model("Softmax")
+    x = np.random.default_rng(0).standard_normal((16, 3, 4)).astype(np.float32)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="--recover-temperature must be a positive number"):
+            recover(model, {"x": x}, teacher_outputs(model, {"x": x}), RecoverConfig(steps=5, temperature=bad))
+
+
 def test_output_kinds_follow_the_curvature_detection():
     """A Softmax reached through a Transpose keeps its class axis (moved); a Sigmoid is a Bernoulli."""
     rng = np.random.default_rng(0)
@@ -242,9 +265,10 @@ def test_recover_command_trains_a_model_pruned_elsewhere(tmp_path, unlabelled):
     r = _cli("prune", SAMPLE, "-o", pruned, "--keep-flops", "0.4", "--criterion", "magnitude")
     assert r.returncode == 0, r.stderr
     r = _cli("recover", SAMPLE, pruned, "-o", tmp_path / "r.onnx", "--calib", unlabelled, "--steps", "30",
-             "--eval", TEST, "--report", tmp_path / "r.json")
+             "--eval", TEST, "--report", tmp_path / "r.json", "--recover-temperature", "3")
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["recovery"]["temperature"] == 3
     acc = rep["accuracy"]
     assert acc["after"] > acc["before"]
     assert evaluate(onnx.load(tmp_path / "r.onnx"), TEST) == pytest.approx(acc["after"])
@@ -284,6 +308,8 @@ def test_time_budget_errors_are_one_line(tmp_path, unlabelled):
         (("--recover-time", "0"), "positive number of seconds"),
         (("--recover-time", "nan"), "positive number of seconds"),
         (("--recover-time", "ten"), "expected seconds"),
+        (("--recover-temperature", "0"), "must be a positive number"),
+        (("--recover-temperature", "inf"), "must be a positive number"),
     ):
         r = _cli("prune", SAMPLE, "-o", tmp_path / "x.onnx", "--keep-flops", "0.5", "--calib", unlabelled, *args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)

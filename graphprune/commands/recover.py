@@ -81,6 +81,7 @@ def run(args, common) -> int:
     before = evaluate(pruned, args.eval) if args.eval else None
     structure = _structure(pruned)
     cfg = RecoverConfig(steps=steps, lr=args.recover_lr, batch_size=args.recover_batch, seed=args.seed,
+                        temperature=args.recover_temperature,
                         device=args.device, mix=args.recover_mix, seconds=args.recover_time)
     names, limit = [], 1 << 62
     if args.recover_features:
@@ -99,6 +100,7 @@ def run(args, common) -> int:
         raise RuntimeError(f"internal error: recovered model fails onnx.checker: {exc}") from exc
     report = {"dense": str(args.dense), "pruned": str(args.pruned), "output": str(out), "calibration": str(args.calib),
               "recovery": {"steps_per_round": res.planned, "lr": args.recover_lr, "batch": args.recover_batch,
+                           "temperature": args.recover_temperature,
                            "rounds": [res.summary()]}}
     if args.recover_time is not None:
         report["recovery"]["seconds_per_round"] = args.recover_time

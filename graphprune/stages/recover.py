@@ -52,6 +52,7 @@ class Recovery:
                                                       int(0.25 * (available_bytes() or 1 << 34)))
         self.allowed = {name for name, t in tr.graph.tensors().items() if hasattr(t, "values")}
         self.cfg = RecoverConfig(steps=steps, lr=config.recover_lr, batch_size=config.recover_batch,
+                                 temperature=config.recover_temperature,
                                  seed=config.seed, device=config.device, mix=config.recover_mix,
                                  seconds=None if config.recover_time is None
                                  else config.recover_time / max(config.steps, 1))
@@ -86,4 +87,5 @@ class Recovery:
             steps = self.rounds[-1]["planned_steps"] if self.rounds else 0
         extra = {} if self.cfg.seconds is None else {"seconds_per_round": self.cfg.seconds}
         return {"steps_per_round": steps, **extra, "lr": self.config.recover_lr, "batch": self.config.recover_batch,
+                "temperature": self.config.recover_temperature,
                 "rounds": self.rounds}
