@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .planner import Budget
 
 #: the distillation temperature recovery uses unless told (PruneConfig and recover.RecoverConfig)
-RECOVER_TEMPERATURE = 1.0
+RECOVER_TEMPERATURE = 2.0
 
 #: what ``--criterion auto`` (the default) means with calibration data (without it: magnitude, since
 #: curvature from noise inputs means nothing); chosen from the held-out table in the README
