@@ -162,7 +162,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              + (" " if meta.get("recover") is not None and meta.get("recover_time") else "")
              + (f"`--recover-time {meta['recover_time']:g}`" if meta.get("recover_time") else "")
              + (f" with `--steps {meta['steps']}`" if meta["steps"] > 1 else "")
-             + f", `--recover-mix {meta['mix']}`, everything else at its default, as a fraction of dense; "
+             + f", `--recover-mix {meta['mix']}`, `--recover-temperature {meta.get('recover_temperature', 1.0):g}`"
+             + ", everything else at its default, as a fraction of dense; "
              f"then the wall seconds of the whole prune (time budget {TIME_BUDGET_S} s; over it: ⏱)"
              + (" and the recovery steps the time budget gave" if meta.get("recover_time") else "")
              + (f"; {meta['jobs']} cells at a time, one process each" if meta.get("jobs", 1) > 1 else "") + ". "
