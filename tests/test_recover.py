@@ -52,7 +52,8 @@ def test_recovery_lowers_the_held_out_distillation_loss_and_raises_accuracy(prun
     _, rep = pruned_pair["recovered"]
     rec = rep["recovery"]["rounds"][0]
     assert rec["samples"] == {"train": 224, "holdout": 32}
-    assert rec["holdout_loss_after"] < 0.5 * rec["holdout_loss_before"]
+    # 40 steps at the default temperature (2: softened targets, the KL x T^2) remove over 40% of it
+    assert rec["holdout_loss_after"] < 0.6 * rec["holdout_loss_before"]
     assert rec["best_step"] > 0 and rec["tensors"]
     assert [h["step"] for h in rec["curve"]][0] == 0 and rec["curve"][-1]["step"] == 40
     one_shot = pruned_pair["oneshot"][1]["accuracy"]["after"]
@@ -406,7 +407,9 @@ def test_feature_matching_uses_batch_major_float_block_boundaries():
     both = recover(student, {"input": x}, teacher, RecoverConfig(steps=1, lr=1e-9), features=feats)
     assert plain.features == [] and both.features == list(feats)
     assert both.history[0]["holdout_loss"] > plain.history[0]["holdout_loss"]  # the feature term counts
-    trained = recover(student, {"input": x}, teacher, RecoverConfig(steps=40, lr=1e-3), features=feats).summary()
+    # at T = 1 (the threshold was set there; the temperature is not this test's subject)
+    trained = recover(student, {"input": x}, teacher, RecoverConfig(steps=40, lr=1e-3, temperature=1.0),
+                      features=feats).summary()
     assert trained["best_step"] > 0 and trained["holdout_loss_after"] < 0.6 * trained["holdout_loss_before"]
 
 
