@@ -106,10 +106,6 @@ def _static_batch_conflict(model: onnx.ModelProto, batch: int) -> str | None:
     return None
 
 
-def _session(model: onnx.ModelProto, name: str, providers: list[str], threads: int | None):
-    return session(model, providers, threads=threads, name=name)
-
-
 def _runner(sess, feeds: dict, io_binding: bool):
     """A no-argument callable doing one inference; with I/O binding the inputs live on the GPU and
     the outputs stay there (the device is synchronised after every run, so the time is the GPU's)."""
@@ -256,7 +252,7 @@ def benchmark(models, *, provider: str = "cpu", batches=(1, 8, 32), warmup: int 
         log.warn("fp16 applies to the TensorRT provider (other providers run the model's own precision)")
     entries, sessions = [], []
     for name, model, src in named:
-        sess = _session(model, name, provider_options(providers, precision), threads)
+        sess = session(model, provider_options(providers, precision), threads=threads, name=name)
         sessions.append(sess)
         entries.append({"name": name, "source": src, "providers": sess.get_providers()})
     used = entries[0]["providers"]
