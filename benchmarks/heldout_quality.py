@@ -4,6 +4,7 @@ the default recovery, from UNLABELLED calibration data, at default settings othe
     python benchmarks/heldout_quality.py                      # full grid -> results/heldout_quality.{json,md}
     python benchmarks/heldout_quality.py --models regnet_se --criteria fisher --budgets 0.3 --modes default
     python benchmarks/heldout_quality.py --tuned              # the digits models graphprune was tuned on
+    python benchmarks/heldout_quality.py --criteria woodfisher woodfisher:0.1 --modes one-shot  # NAME:D = --damping D
 
 Held-out models (samples/heldout.py; never used to choose settings): MobileNetV2 x0.5, a
 pre-activation DenseNet-BC with unfolded BatchNormalization, a RegNet-style net with squeeze-excite.
@@ -60,7 +61,9 @@ def unlabelled(path: str, tmp: str) -> str:
 
 def cell(model: str, criterion: str, budget: float, mode: str, calib: str, test: str, tmp: str,
          seed: int) -> dict:
-    cfg = PruneConfig(criterion=criterion, budget=Budget("flops", budget), calib=calib,
+    name, _, damping = criterion.partition(":")  # "woodfisher:0.1" = --criterion woodfisher --damping 0.1
+    extra = {"damping": float(damping)} if damping else {}
+    cfg = PruneConfig(criterion=name, budget=Budget("flops", budget), calib=calib, **extra,
                       eval_data=os.path.join(ROOT, test), force=True, seed=seed,
                       recover=0 if mode == "one-shot" else None)
     t = time.perf_counter()
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tuned", action="store_true", help="the digits models graphprune was tuned on")
     ap.add_argument("--models", nargs="+")
-    ap.add_argument("--criteria", nargs="+", default=CRITERIA)
+    ap.add_argument("--criteria", nargs="+", default=CRITERIA, help="NAME or NAME:D (with --damping D)")
     ap.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     ap.add_argument("--seed", type=int, default=0)

@@ -141,8 +141,8 @@ def run_row(name: str, batch: int, budget: str, args, work: str, log: str) -> di
                     "planner_landing": lat["measured_ms"] / lat["target_ms"] - 1,
                     "planner_attempts": len(lat["attempts"]), "predicted_ms": lat["predicted_ms"]})
         widths = lat.get("widths") or []
-    else:
-        widths = []
+    else:  # --keep-flops --round-to auto: the report's "widths" entry
+        widths = (rep.get("widths") or {}).get("groups") or []
     row["groups_snapped"] = sum(1 for w in widths if w["snapped"] != w["planned"])
     return row
 

@@ -127,6 +127,8 @@ def test_whole_row_blocks_equal_dense_per_row_inverse(conv_stats, block):
     finv = dense_row_inverses(ctx, grads)
     for node, st in ctx.stats.layers.items():
         assert st.blocks.nb == 1 and st.finv.dtype == torch.float64
+        # λ as the per-row implementation estimated it: damping × mean g² of the first 8 samples
+        assert st.lam == pytest.approx(1e-3 * float(grads[node][:8].pow(2).mean()), rel=1e-9)
         ref = finv[node]
         np.testing.assert_allclose(st.finv.double().numpy(), ref.numpy(), rtol=2e-3, atol=2e-4 * float(ref.abs().max()))
     scores = make_criterion("woodfisher").score(ctx)
@@ -375,21 +377,26 @@ def test_memory_estimate_with_blocks_fits_resnet18():
 
 # ------------------------------------------------------------------------------ CLI
 @pytest.mark.parametrize("criterion", ["woodfisher", "woodtaylor"])
-def test_cli_prune_with_block_size_verifies(criterion, tmp_path):
+def test_cli_prune_with_block_size_verifies(criterion, tmp_path, monkeypatch, capsys):
     import json
 
+    from graphprune import log
     from graphprune.cli import main
+
+    monkeypatch.setattr(log, "_quiet", False)  # progress on: the small-block hint is checked below
 
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     from graphprune.pipeline import PruneConfig
 
     quick = ["--recover", "0"] if "recover" in PruneConfig.__dataclass_fields__ else []  # no distillation
-    rc = main(["-q", "prune", "samples/digits_resnet.onnx", "-o", str(out), "--keep-flops", "0.6", "--criterion",
+    rc = main(["prune", "samples/digits_resnet.onnx", "-o", str(out), "--keep-flops", "0.6", "--criterion",
                criterion, "--calib", "samples/digits_calib.npz", "--samples", "16", "--block-size", "64",
                "--report", str(rep), "--compensate", "woodfisher", *quick])
     assert rc == 0
     report = json.loads(rep.read_text())
     assert report["block_size"] == 64 and report["compensation"] == "woodfisher"
+    # blocks of 64 weights on rows of 577 (64 input channels x 3x3 + 1): the user is told what that costs
+    assert "compensated only within its block" in capsys.readouterr().err
     assert report["verification"]["ok"] and report["totals"]["macs_ratio"] <= 0.6 + 1e-9
     assert main(["verify", "samples/digits_resnet.onnx", str(out), "--report", str(rep)]) == 0
 

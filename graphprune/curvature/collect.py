@@ -69,6 +69,14 @@ WOODFISHER_DTYPE = torch.float64
 DEFAULT_MAX_BLOCK = 1024
 #: per-sample gradients applied together in one rank-k Woodbury update
 WOODBURY_SAMPLES = 32
+#: λ = damping × the layer's mean per-sample g² over the first LAMBDA_SAMPLES calibration samples
+#: (the gradients' scale is not known before the Woodbury updates start). The per-row implementation
+#: estimated it on its first update of 8 samples; the blocked one did on its first update of 32 for a
+#: while, which moved the effective damping (0.78-1.04x the all-sample mean on the digits MobileNetV2
+#: against 0.64-0.83x) and cost that net 2-4 test digits at --damping 0.1. With the same 8 samples,
+#: whole-row blocks reproduce the per-row implementation's scores and updates at every damping
+#: (benchmarks/results/criteria_digits_woodfisher.md).
+LAMBDA_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -313,7 +321,10 @@ class _Accumulator:
         buf = self._pending.setdefault(id(st), [])
         buf.append(gs)
         if last or sum(len(x) for x in buf) >= WOODBURY_SAMPLES:
-            self._woodbury(st, torch.cat(buf) if len(buf) > 1 else buf[0])
+            gs = torch.cat(buf) if len(buf) > 1 else buf[0]
+            if st.finv is None:  # λ from the first LAMBDA_SAMPLES samples (the buffer holds them, in order)
+                st.lam = max(self.damping * float(gs[:LAMBDA_SAMPLES].double().pow(2).mean()), 1e-12)
+            self._woodbury(st, gs)
             buf.clear()
 
     def _woodbury(self, st: LayerStats, gs: torch.Tensor, slab: int = 1 << 22) -> None:
@@ -324,8 +335,8 @@ class _Accumulator:
         F⁻¹ ← F⁻¹ − U (m I + G U)⁻¹ Uᵀ, U = F⁻¹Gᵀ, which equals k successive rank-1 updates
         F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g) exactly, in float64 (WOODFISHER_DTYPE), the update is written in place a slab of blocks at a time (temporaries
         stay O(k·c) per block). λ = damping × mean diagonal of the layer's empirical Fisher (1/m)Σ g²,
-        estimated on the first update (the gradients' scale is not known before), shared by the
-        layer's blocks (as the per-row implementation had it).
+        estimated on the first LAMBDA_SAMPLES samples (the gradients' scale is not known before),
+        shared by the layer's blocks (as the per-row implementation had it).
         """
         lay = st.blocks
         dt = WOODFISHER_DTYPE
@@ -337,7 +348,6 @@ class _Accumulator:
             return
         G = lay.gather(gs.reshape(k * out, -1)).reshape(k, out * lay.nb, lay.cb).transpose(0, 1)  # (B, k, cb)
         if st.finv is None:
-            st.lam = max(self.damping * float(gs.double().pow(2).mean()), 1e-12)
             st.finv = torch.zeros(out * lay.nb, lay.cb, lay.cb, dtype=dt, device=gs.device)
             st.finv.diagonal(dim1=1, dim2=2).fill_(1.0 / st.lam)
         m = float(self.total)
@@ -455,7 +465,7 @@ def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, ne
     if parallel:
         from .parallel import DataParallel
 
-        acc.parallel = DataParallel(acc, device, min(batch_size, len(data)), WOODBURY_SAMPLES)
+        acc.parallel = DataParallel(acc, device, LAMBDA_SAMPLES)
     n_batches = (len(data) + batch_size - 1) // batch_size
     log.progress("statistics", 0, n_batches)  # starts the clock for samples/s and the ETA
     seen = 0

@@ -32,14 +32,12 @@ FIELDS = ("A", "Ag", "S", "fisher", "gsum")
 class DataParallel:
     """Per-run state of a data-parallel statistics pass (one per ``collect``)."""
 
-    def __init__(self, acc, device: str, first_batch: int, woodbury_samples: int) -> None:
+    def __init__(self, acc, device: str, lambda_samples: int) -> None:
         self.acc, self.device = acc, device
         self.fsum: dict[int, torch.Tensor] = {}  # id(LayerStats) -> (out·nb, cb, cb) Σ g_b g_bᵀ
         self.lam_sum: dict[int, float] = {}
-        # the samples of the single-process run's first Woodbury update (λ is estimated on them):
-        # chunks are gathered until at least WOODBURY_SAMPLES, then cut into updates of max(8, cb)
-        flush = -(-woodbury_samples // acc.chunk) * acc.chunk
-        self.first = min(first_batch, flush)
+        # λ is estimated on the calibration set's first LAMBDA_SAMPLES samples, as in one process
+        self.first = min(acc.total, lambda_samples)
 
     # ---------------------------------------------------------------- Taylor
     def reduce_grads(self, tg) -> None:
@@ -62,7 +60,7 @@ class DataParallel:
         lay = st.blocks
         k, out = gs.shape[0], gs.shape[1]
         key = id(st)
-        head = max(0, min(k, self.first_update(lay) - first_index))
+        head = max(0, min(k, self.first - first_index))
         if head:
             self.lam_sum[key] = self.lam_sum.get(key, 0.0) + float(gs[:head].double().pow(2).sum())
         G = lay.gather(gs.reshape(k * out, -1)).reshape(k, out * lay.nb, lay.cb).transpose(0, 1)  # (B, k, cb)
@@ -73,9 +71,6 @@ class DataParallel:
         for s in range(0, G.shape[0], step):
             Gs = G[s:s + step].to(torch.float64)
             F[s:s + step].baddbmm_(Gs.transpose(1, 2), Gs)
-
-    def first_update(self, lay) -> int:
-        return min(self.first, max(8, lay.cb))
 
     # ---------------------------------------------------------------- the one reduction
     def finish(self, stats: dict, total: int, damping: float, woodfisher_dtype) -> None:
@@ -117,7 +112,7 @@ class DataParallel:
                 continue
             lay = st.blocks
             out = F.shape[0] // lay.nb
-            st.lam = max(damping * float(counts[i, 2]) / (self.first_update(lay) * out * lay.length), 1e-12)
+            st.lam = max(damping * float(counts[i, 2]) / (self.first * out * lay.length), 1e-12)
             st.finv = _damped_inverse(F, st.lam, float(total)).to(woodfisher_dtype)
 
     def _reduce_small(self, tensors: list[torch.Tensor]) -> None:
