@@ -5,7 +5,7 @@ pinned intra-op threads, timed until the 95% bootstrap interval of the speed-up 
 reduction); for --keep-latency, where the measured latency lands against F x dense.
 
     python benchmarks/speedup.py [--models resnet50,mobilenet_v2,yolov8n,vit_tiny,vit] [--batches 1,8]
-        [--budgets flops0.7,flops0.7-auto,...,latency0.5] [--threads 1] [--work DIR] [--fresh]
+        [--budgets flops0.7,flops0.7-auto,...,latency0.5] [--threads 1] [--work DIR] [--fresh] [--collect-only]
 
 Models: ResNet-50 at 224 (samples/resnet50.py), MobileNetV2 at 224 (samples/imagenet.py), a
 YOLOv8n-sized detector at 640 (samples/yolov8n.py), a ViT at DeiT-Tiny sizes at 224
@@ -221,6 +221,8 @@ def main(argv=None) -> int:
                     help="models, reports, latency cache and per-row results (resumable)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speedup"))
     ap.add_argument("--fresh", action="store_true", help="re-run rows that already have results")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="measure nothing: write --out from the rows already under --work (an interrupted run)")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     for m in models:
@@ -245,7 +247,7 @@ def main(argv=None) -> int:
         for batch in batches:
             for budget in budgets:
                 path = os.path.join(rows_dir, f"{name}_b{batch}_{budget}.json")
-                if os.path.exists(path) and not args.fresh:
+                if args.collect_only or (os.path.exists(path) and not args.fresh):
                     continue
                 t = time.perf_counter()
                 try:

@@ -17,8 +17,8 @@ from . import log
 from .validate import (_PACKED, _all_tensors, _first_line, check_conv_groups, check_graph_names, check_tensor_sizes,
                        refuse_quantized, validate_model)
 from .validate import MIN_OPSET, opset_of  # noqa: F401  (re-exported: callers load and ask the opset from one module)
+from .rules.base import DEFAULT_DOMAINS as _DEFAULT_DOMAINS
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 #: protobuf cannot serialize a message of 2 GiB or more; above this size a model is handled with
 #: its weights outside the proto (external data files, weight-free skeletons for shape inference)
 LARGE_MODEL_BYTES = 2**31 - 2**26

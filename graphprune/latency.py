@@ -60,6 +60,21 @@ def device_name(provider: str) -> str:
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def nchwc_block() -> int:
+    """Channels per block of onnxruntime's blocked (NCHWc) CPU convolutions on this machine: 16 with
+    AVX-512F, 8 with AVX2, 1 (none) otherwise or when the CPU's flags cannot be read (MLAS picks its
+    kernels the same way). A conv whose channel counts are not whole blocks leaves the blocked
+    kernels or pads to whole blocks, and the graph gains layout reorders around it."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return 1
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return 1
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 1
+
+
 def _widths(full: int) -> list[int]:
     return sorted({max(1, int(round(f * full))) for f in GRID})
 
@@ -117,6 +132,9 @@ class LatencyTable:
         used = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}.get(
             self._provider_list()[0], "cpu")
         self.device = device_name(used)
+        #: --round-to auto keeps the widths of groups that reach a Conv in whole blocks of this many
+        #: channels (onnxruntime's NCHWc blocks on CPU; 1 on GPU providers, whose steps the tables show)
+        self.channel_block = nchwc_block() if used == "cpu" else 1
         extra = ("" if precision == "fp32" else f"|{precision}") + f"|t{self.threads}"
         self.prefix = f"{used}|{self.device}|ort{ort.__version__}|b{batch}" + extra
         try:

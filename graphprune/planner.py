@@ -70,10 +70,43 @@ RANK_BY_LATENCY = True
 RANK_BUDGET_WEIGHT = 0.05
 
 
-def _step(group, round_to) -> int:
+def _step(group, round_to, blocks: dict | None = None) -> int:
     if round_to == "auto":  # planned per unit, snapped to measured widths afterwards
-        return 1
+        # except groups that reach a Conv on a CPU with blocked (NCHWc) kernels: see channel_blocks
+        return (blocks or {}).get(group.id, (1, 0))[0]
     return round_to // math.gcd(round_to, group.channels_per_unit)
+
+
+def channel_blocks(trace: Trace, block: int) -> dict[int, tuple[int, int]]:
+    """``--round-to auto`` on a CPU whose blocked (NCHWc) convolutions work in ``block`` channels:
+    per group whose channels reach a Conv and that is at least one block wide, (step, floor) in
+    units: it keeps at least one whole block (onnxruntime gives a conv with fewer input channels
+    than a block plain-layout input, and the graph gains a layout reorder that a layer timed alone
+    does not show), and a group that is a whole number of blocks is planned in whole blocks (a width
+    between two blocks costs what the upper one does). Measured on a YOLOv8n-sized detector at 640,
+    batch 8, side by side: free widths x1.39, whole blocks x1.44 at the same MACs (26 against the
+    dense 22 reorders with free widths)."""
+    if block <= 1:
+        return {}
+    conv_roots: set[int] = set()
+    for layer in trace.state.layers:
+        if layer.op == "Conv":
+            for ids in (layer.out_ids, layer.in_ids):
+                if ids is not None:
+                    conv_roots.update(trace.roots[np.asarray(ids, dtype=np.int64)].tolist())
+    out = {}
+    for g in trace.groups:
+        cpu = g.channels_per_unit
+        width = g.size * cpu
+        if width >= block and conv_roots.intersection(g.units.tolist()):
+            step = block // math.gcd(block, cpu) if width % block == 0 else 1
+            out[g.id] = (step, -(-block // cpu))
+    return out
+
+
+def _max_remove(g, budget, blocks: dict | None = None) -> int:
+    floor = max(g.min_keep, (blocks or {}).get(g.id, (1, 0))[1])
+    return max(0, min(int(math.floor(budget.cap * g.size)), g.size - floor))
 
 
 def _blocks(order: np.ndarray, n: int, step: int, max_remove: int) -> list[np.ndarray]:
@@ -101,18 +134,25 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
     before = dict(cm.totals)
     removed: dict[int, list[int]] = {}
     queues: dict[int, list[np.ndarray]] = {}
+    blocks: dict[int, tuple[int, int]] = {}
+    if budget.round_to == "auto" and budget.kind != "lossless":
+        from .latency import LatencyTable
+
+        if latency_table is None:
+            latency_table = own_table = LatencyTable(**(budget.hardware or {}), shapes=trace.input_shapes)
+        blocks = channel_blocks(trace, int(getattr(latency_table, "channel_block", 1) or 1))
     for g in trace.groups:
         if not g.prunable or g.id not in scores:
             continue
         s = np.asarray(scores[g.id], dtype=np.float64)
         if len(s) != g.size:
             raise ValueError(f"criterion returned {len(s)} scores for group {g.id} of size {g.size}")
-        max_remove = min(int(math.floor(budget.cap * g.size)), g.size - g.min_keep)
+        max_remove = _max_remove(g, budget, blocks)
         order = np.argsort(s, kind="stable")
         if budget.kind == "lossless":
             order = order[s[order] == 0]  # proven-zero units only, no cap: removing them changes nothing
             max_remove = min(g.size - g.min_keep, len(order))
-        queues[g.id] = _blocks(order, g.size, _step(g, budget.round_to), max_remove)
+        queues[g.id] = _blocks(order, g.size, _step(g, budget.round_to, blocks), max_remove)
 
     taken: dict[int, list[np.ndarray]] = {}  # per group, the blocks removed, in order
 
@@ -138,10 +178,6 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
         target = budget.ratio * before[kind]
         rank = None
         if budget.round_to == "auto" and kind != "latency" and RANK_BY_LATENCY:
-            from .latency import LatencyTable
-
-            if latency_table is None:
-                latency_table = own_table = LatencyTable(**(budget.hardware or {}), shapes=trace.input_shapes)
             if cm.add_latency(latency_table):
                 rank = "latency"
         met = _greedy(trace, scores, queues, cm, kind, target, take, rank)
@@ -151,7 +187,8 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
     if budget.round_to == "auto" and budget.kind != "lossless" and removed:
         kind = {"flops": "macs", "params": "params", "latency": "latency"}.get(budget.kind)
         target = budget.ratio * before[kind] if kind else None
-        snapped, snap_info = _snap(trace, scores, removed, cm, budget, kind, target if met else None, latency_table)
+        snapped, snap_info = _snap(trace, scores, removed, cm, budget, kind, target if met else None, latency_table,
+                                   blocks)
     if own_table is not None:
         own_table.save()
     plan = Plan({g: np.array(sorted(v), dtype=np.int64) for g, v in removed.items() if v},
@@ -242,7 +279,7 @@ def _frozen_share(trace: Trace, cm: CostModel, kind: str) -> float:
 
 
 def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: Budget, kind: str | None,
-          target: float | None, table=None) -> tuple[list[dict], dict]:
+          target: float | None, table=None, blocks: dict | None = None) -> tuple[list[dict], dict]:
     """``--round-to auto``: snap every pruned group's kept width to the fastest width not above the
     planned one, read from the measured latency staircase of the layers the group feeds and is fed
     by (a few candidate widths per layer axis, see graphprune.latency), then spend what snapping
@@ -281,10 +318,10 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
         if not touched:
             continue
         cpu = g.channels_per_unit
-        max_remove = min(int(math.floor(budget.cap * g.size)), g.size - g.min_keep)
-        lowest = g.size - max_remove
+        lowest = g.size - _max_remove(g, budget, blocks)
         kept = g.size - len(removed[gid])
-        cands = [w // cpu for w in candidate_widths(kept * cpu, g.size * cpu, cpu, lowest * cpu)]
+        unit = cpu * (blocks or {}).get(gid, (1, 0))[0]  # whole NCHWc blocks where channel_blocks says so
+        cands = [w // cpu for w in candidate_widths(kept * cpu, g.size * cpu, unit, lowest * cpu)]
         ms = {c: 0.0 for c in cands}
         for a, per_unit in touched.items():
             widths = {c: int(round(cm.count[a] + (c - kept) * per_unit)) for c in cands}
@@ -349,7 +386,10 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
     info = {"provider": table.provider, "device": table.device, "batch": table.batch, "threads": table.threads,
             "precision": table.precision, "cache": str(table.cache_path),
             "layer_axes_measured": table.measured - measured0, "measure_seconds": round(table.seconds - seconds0, 3),
-            "seconds": round(time.perf_counter() - t0, 3), "refill_steps": refills}
+            "seconds": round(time.perf_counter() - t0, 3), "refill_steps": refills,
+            "channel_block": getattr(table, "channel_block", 1),
+            "groups_in_blocks": sum(1 for st, _ in (blocks or {}).values() if st > 1),
+            "groups_floored": len(blocks or {})}
     return out, info
 
 

@@ -11,9 +11,9 @@ from . import log
 from .export import weightless
 from .io import infer, opset_of
 from .rules import REGISTRY, SOURCE_OPS, Member, Source, TraceState
+from .rules.base import DEFAULT_DOMAINS as _DEFAULT_DOMAINS
 from .shapes import text as shapes_text
 
-_DEFAULT_DOMAINS = (None, "", "ai.onnx")
 #: ops that typically sit in constant subgraphs computing shapes, pads or split sizes
 _FOLDABLE_HINTS = frozenset({"Shape", "ConstantOfShape", "Gather", "Cast", "Range", "Size", "Expand", "Identity"})
 

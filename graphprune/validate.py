@@ -10,10 +10,10 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import UserError
+from .rules.base import DEFAULT_DOMAINS as _DEFAULT_DOMAINS
 
 MIN_OPSET = 11
 MAX_OPSET = onnx.defs.onnx_opset_version()
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def _all_tensors(model: onnx.ModelProto):

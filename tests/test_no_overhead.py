@@ -15,7 +15,7 @@ from graphprune import planner
 from graphprune.config import PruneConfig
 from graphprune.pipeline import prune
 from graphprune.planner import Budget
-from tests.test_round_auto import StaircaseTable
+from tests.test_round_auto import SmoothTable, StaircaseTable
 
 #: optimised-graph ops that are fusions or blocked-layout kernels: the pruned graph has at least as
 #: many of each (a layer that left the blocked kernels would show as one fewer nchwc Conv)
@@ -85,16 +85,23 @@ def test_yolov8_and_vit_have_no_extra_nodes(tmp_path):
     check_no_overhead(vit, tmp_path / "vit_pruned.onnx", tmp_path)
 
 
-def test_round_to_auto_on_a_block_staircase_fuses_like_dense(zoo_model, tmp_path, monkeypatch):
-    """--round-to auto with tables that have 16-channel steps keeps every conv in its kernel family."""
+@pytest.mark.parametrize("tables", ["staircase", "smooth"])
+def test_round_to_auto_on_a_block_staircase_fuses_like_dense(zoo_model, tmp_path, monkeypatch, tables):
+    """--round-to auto keeps every conv in its kernel family: with tables that have 16-channel steps,
+    and with smooth tables (no step: a layer timed alone does not see the reorders a graph gets)
+    on a CPU whose blocked kernels work in 16 channels (the groups that reach a Conv planned in
+    whole blocks)."""
     from pathlib import Path
 
     src = Path(zoo_model("mobilenet_v2", "dynamo"))
     made = []
+    base = StaircaseTable if tables == "staircase" else SmoothTable
 
-    class Table(StaircaseTable):
+    class Table(base):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
+            if tables == "smooth":
+                self.channel_block = 16
             made.append(self)
 
     monkeypatch.setattr("graphprune.latency.LatencyTable", Table)

@@ -16,15 +16,20 @@ from graphprune.cli import build_parser, config_from_args
 from graphprune.config import PruneConfig, resolved
 from graphprune.cost import CostModel
 from graphprune.errors import UserError
-from graphprune.latency import LatencyTable, candidate_widths, frontier, snap_width
-from graphprune.planner import Budget, make_plan
+from graphprune.latency import LatencyTable, candidate_widths, frontier, nchwc_block, snap_width
+from graphprune.planner import Budget, channel_blocks, make_plan
 from tests.helpers import trace_of
 from tests.test_planner import chain, scores_for
 
 
 class StaircaseTable(LatencyTable):
     """A LatencyTable whose timings come from the models it builds: every Conv/MatMul costs its MACs
-    with both channel counts rounded up to whole blocks of 16 (what blocked kernels do)."""
+    with both channel counts rounded up to whole blocks of 16 (what blocked kernels do).
+    ``channel_block`` is 1 unless a test sets it (the real table reads it from this CPU)."""
+
+    def __init__(self, *args, channel_block: int = 1, **kw):
+        super().__init__(*args, **kw)
+        self.channel_block = channel_block
 
     def _time_many(self, items, runs=None):
         out = []
@@ -85,6 +90,62 @@ def test_auto_snaps_to_blocks_and_still_meets_the_budget(tmp_path, table, monkey
     plain = make_plan(tr, scores, Budget("flops", 0.5, round_to=1))
     kept = [g.size - len(plain.removed.get(g.id, [])) for g in tr.groups if g.prunable]
     assert any(k % 16 for k in kept)
+
+
+class SmoothTable(StaircaseTable):
+    """Every Conv costs its exact MACs: no step at all, so only the channel block rounds widths."""
+
+    def _time_many(self, items, runs=None):
+        out = []
+        for model, feeds in items:
+            shapes = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
+            x = next(iter(feeds.values())).shape
+            out.append(1e-6 * sum(int(np.prod(shapes[n.input[1]])) * int(np.prod(x[2:]))
+                                  for n in model.graph.node if n.op_type == "Conv" and n.input[1] in shapes))
+        return out
+
+
+def test_nchwc_block_follows_the_cpu_flags():
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    expect = 16 if "avx512f" in flags else 8 if "avx2" in flags else 1
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        expect = 1
+    assert nchwc_block() == expect
+    assert LatencyTable("cpu", 2, "/nonexistent/lat.json").channel_block == expect
+
+
+def test_channel_blocks_reach_a_conv_and_keep_one_block():
+    tr = trace_of(chain((64, 40, 12), spatial=8))
+    sizes = {g.id: g.size * g.channels_per_unit for g in tr.groups if g.prunable}
+    got = {sizes[i]: v for i, v in channel_blocks(tr, 16).items() if i in sizes}
+    # whole blocks of 16 for 64; 40 keeps at least one block but is planned per channel; 12 < 16: free
+    assert got == {64: (16, 16), 40: (1, 16)}
+    assert {sizes[i]: v for i, v in channel_blocks(tr, 8).items() if i in sizes} == {64: (8, 8), 40: (8, 8), 12: (1, 8)}
+    assert channel_blocks(tr, 1) == {}
+
+
+@pytest.mark.parametrize("block", [1, 16])
+def test_auto_keeps_conv_groups_in_whole_channel_blocks(tmp_path, monkeypatch, block):
+    """On a CPU with blocked (NCHWc) kernels, --round-to auto plans and snaps the groups that reach a
+    Conv in whole blocks, even where the layer tables alone see no step (a smooth cost). Without
+    blocks the same plan is off-block somewhere."""
+    monkeypatch.setattr(planner, "RANK_BY_LATENCY", True)
+    tr = trace_of(chain((64, 48, 64), spatial=8))
+    scores = scores_for(tr, seed=1)
+    table = SmoothTable("cpu", 2, tmp_path / "lat.json", shapes=tr.input_shapes, channel_block=block)
+    plan = make_plan(tr, scores, Budget("flops", 0.5, round_to="auto"), latency_table=table)
+    assert plan.budget_met and plan.after["macs"] <= 0.5 * plan.before["macs"] * (1 + 1e-9)
+    assert plan.snap_info["channel_block"] == block
+    kept = [(g.size - len(plan.removed.get(g.id, []))) * g.channels_per_unit for g in tr.groups if g.prunable]
+    assert len(kept) == 3 and min(kept) < 48, kept
+    if block == 16:
+        assert plan.snap_info["groups_in_blocks"] == 3 and plan.snap_info["groups_floored"] == 3
+        assert all(k % 16 == 0 and k >= 16 for k in kept), kept
+    else:
+        assert plan.snap_info["groups_in_blocks"] == 0
+        assert any(k % 16 for k in kept), kept  # free widths: off the blocks somewhere
 
 
 def test_auto_spends_what_snapping_saved(table):

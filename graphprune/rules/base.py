@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+#: the ONNX default domain as onnx-graphsurgeon (None, "") and the spec ("ai.onnx") spell it
+DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_graphsurgeon as gs
 

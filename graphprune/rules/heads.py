@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Rule, TraceState, attr
+from .base import DEFAULT_DOMAINS as _DEFAULT_DOMAINS, Rule, TraceState, attr
 
 #: elementwise ops through which uniformity along an axis survives (every input uniform or size 1)
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Not", "And", "Or", "Xor", "Equal", "Less",
                           "LessOrEqual", "Greater", "GreaterOrEqual", "Neg", "Abs", "Max", "Min", "Sum"})
 _PASS = frozenset({"Cast", "Identity"})
-_DEFAULT_DOMAINS = (None, "", "ai.onnx")
 _MAX_DEPTH = 16
 
 SHARED_REASON = ("an attention mask broadcast over the heads is also read elsewhere (another op or a graph "
