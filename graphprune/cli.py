@@ -167,7 +167,8 @@ def add_prune_options(pr: argparse.ArgumentParser, budget_required: bool = True)
     pr.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
                     help="kept widths multiple of N, or auto: each layer's width snapped to the fastest width "
                          "not above the planned one, from measured latency tables of --provider at "
-                         "--latency-batch (default: auto for compress and --keep-latency, else 1)")
+                         "--latency-batch; on CPU, conv channels kept in whole NCHWc blocks (16 with "
+                         "AVX-512, 8 with AVX2) (default: auto for compress and --keep-latency, else 1)")
     pr.add_argument("--max-group-removal", type=float, default=0.9, metavar="F",
                     help="remove at most F of any group (default 0.9; never all of it)")
     pr.add_argument("--best-effort", action="store_true", help="prune as far as possible if the budget is unreachable")
