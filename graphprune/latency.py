@@ -60,17 +60,17 @@ def device_name(provider: str) -> str:
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-def nchwc_block() -> int:
+def nchwc_block(cpuinfo: str = "/proc/cpuinfo", machine: str | None = None) -> int:
     """Channels per block of onnxruntime's blocked (NCHWc) CPU convolutions on this machine: 16 with
-    AVX-512F, 8 with AVX2, 1 (none) otherwise or when the CPU's flags cannot be read (MLAS picks its
-    kernels the same way). A conv whose channel counts are not whole blocks leaves the blocked
-    kernels or pads to whole blocks, and the graph gains layout reorders around it."""
+    AVX-512F, 8 with AVX2, 1 (none) on other CPUs or when the CPU's flags cannot be read (MLAS picks
+    its kernels the same way). A conv with fewer input channels than a block gets plain-layout input,
+    and the graph gains a layout reorder around it."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return 1
     try:
-        with open("/proc/cpuinfo") as fh:
+        with open(cpuinfo) as fh:
             flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
     except OSError:
-        return 1
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return 1
     return 16 if "avx512f" in flags else 8 if "avx2" in flags else 1
 

@@ -70,10 +70,10 @@ RANK_BY_LATENCY = True
 RANK_BUDGET_WEIGHT = 0.05
 
 
-def _step(group, round_to, blocks: dict | None = None) -> int:
+def _step(group, round_to, blocks: dict) -> int:
     if round_to == "auto":  # planned per unit, snapped to measured widths afterwards
         # except groups that reach a Conv on a CPU with blocked (NCHWc) kernels: see channel_blocks
-        return (blocks or {}).get(group.id, (1, 0))[0]
+        return blocks.get(group.id, (1, 0))[0]
     return round_to // math.gcd(round_to, group.channels_per_unit)
 
 
@@ -104,8 +104,8 @@ def channel_blocks(trace: Trace, block: int) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _max_remove(g, budget, blocks: dict | None = None) -> int:
-    floor = max(g.min_keep, (blocks or {}).get(g.id, (1, 0))[1])
+def _max_remove(g, budget, blocks: dict) -> int:
+    floor = max(g.min_keep, blocks.get(g.id, (1, 0))[1])
     return max(0, min(int(math.floor(budget.cap * g.size)), g.size - floor))
 
 
@@ -290,6 +290,7 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
     from .latency import LatencyTable, candidate_widths, frontier, layer_spec, snap_width
 
     t0 = time.perf_counter()
+    blocks = blocks or {}
     own = table is None
     if own:
         table = LatencyTable(**(budget.hardware or {}), shapes=trace.input_shapes)
@@ -320,7 +321,7 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
         cpu = g.channels_per_unit
         lowest = g.size - _max_remove(g, budget, blocks)
         kept = g.size - len(removed[gid])
-        unit = cpu * (blocks or {}).get(gid, (1, 0))[0]  # whole NCHWc blocks where channel_blocks says so
+        unit = cpu * blocks.get(gid, (1, 0))[0]  # whole NCHWc blocks where channel_blocks says so
         cands = [w // cpu for w in candidate_widths(kept * cpu, g.size * cpu, unit, lowest * cpu)]
         ms = {c: 0.0 for c in cands}
         for a, per_unit in touched.items():
@@ -388,8 +389,7 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
             "layer_axes_measured": table.measured - measured0, "measure_seconds": round(table.seconds - seconds0, 3),
             "seconds": round(time.perf_counter() - t0, 3), "refill_steps": refills,
             "channel_block": getattr(table, "channel_block", 1),
-            "groups_in_blocks": sum(1 for st, _ in (blocks or {}).values() if st > 1),
-            "groups_floored": len(blocks or {})}
+            "groups_in_blocks": sum(1 for st, _ in blocks.values() if st > 1), "groups_floored": len(blocks)}
     return out, info
 
 

@@ -105,15 +105,19 @@ class SmoothTable(StaircaseTable):
         return out
 
 
-def test_nchwc_block_follows_the_cpu_flags():
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    expect = 16 if "avx512f" in flags else 8 if "avx2" in flags else 1
-    import platform
+def test_nchwc_block_follows_the_cpu_flags(tmp_path):
+    def info(flags):
+        path = tmp_path / f"cpuinfo_{len(flags)}"
+        path.write_text(f"processor\t: 0\nmodel name\t: test cpu\nflags\t\t: {' '.join(flags)}\n\n")
+        return str(path)
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        expect = 1
-    assert nchwc_block() == expect
-    assert LatencyTable("cpu", 2, "/nonexistent/lat.json").channel_block == expect
+    assert nchwc_block(info(["fpu", "sse2", "avx", "avx2", "fma", "avx512f", "avx512bw"]), "x86_64") == 16
+    assert nchwc_block(info(["fpu", "sse2", "avx", "avx2", "fma"]), "x86_64") == 8
+    assert nchwc_block(info(["fpu", "sse2", "avx"]), "x86_64") == 1
+    assert nchwc_block(info(["avx512f"]), "aarch64") == 1  # no NCHWc kernels off x86
+    assert nchwc_block(str(tmp_path / "missing"), "x86_64") == 1
+    # the table reads this machine's; GPU providers have no channel block of their own
+    assert LatencyTable("cpu", 2, tmp_path / "lat.json").channel_block == nchwc_block()
 
 
 def test_channel_blocks_reach_a_conv_and_keep_one_block():
