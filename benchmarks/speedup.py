@@ -39,6 +39,7 @@ MODELS = {  # name: (source for `graphprune convert` or an .onnx path, input sha
     "resnet50": ("samples/resnet50.py:resnet50", "1,3,224,224"),
     "mobilenet_v2": ("samples/imagenet.py:mobilenet_v2", "1,3,224,224"),
     "yolov8n": ("samples/yolov8n.py:yolov8n", "1,3,640,640"),
+    "yolov8s": ("samples/yolov8n.py:yolov8s", "1,3,640,640"),
     "vit_tiny": ("samples/transformers.py:vit_tiny", "1,3,224,224"),
     "vit": ("samples/digits_vit.onnx", "1,1,8,8"),
 }
@@ -133,6 +134,11 @@ def run_row(name: str, batch: int, budget: str, args, work: str, log: str) -> di
                     "efficiency_other_ops_fixed": 1 / ((1 - share) / macs_red + share) / macs_red})
         row["other_ops_top"] = [[op, round(ms, 3), round(pp["by_op"].get(op, 0.0), 3)]
                                 for op, ms in pd["by_op"].items() if op not in MAC_OPS][:5]
+        # per output size: dense MAC ops, dense other ops, pruned MAC ops, pruned other ops (ms)
+        row["by_size"] = {k: [round(v["mac_ops_ms"], 3), round(v["other_ops_ms"], 3),
+                              round(pp.get("by_size", {}).get(k, {}).get("mac_ops_ms", 0.0), 3),
+                              round(pp.get("by_size", {}).get(k, {}).get("other_ops_ms", 0.0), 3)]
+                          for k, v in pd.get("by_size", {}).items()}
     if kind == "latency":
         lat = rep["latency"]
         # measured pruned / (F x dense) - 1, from the independent measurement and its interval

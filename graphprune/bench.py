@@ -389,14 +389,41 @@ def op_profile(sess, run, runs: int = 5) -> dict:
     after = starts[0][1] if len(starts) > runs else -1  # the end of the warm-up run
     counted = max(1, len(starts) - (1 if after >= 0 else 0))
     by_op: dict[str, float] = {}
+    by_size: dict[str, list[float]] = {}  # output spatial size: [MAC ops ms, other ops ms]
     for e in events:
         if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and e.get("ts", 0) >= after:
-            op = (e.get("args") or {}).get("op_name") or "?"
-            by_op[op] = by_op.get(op, 0.0) + e.get("dur", 0) / 1e3 / counted
+            args = e.get("args") or {}
+            op = args.get("op_name") or "?"
+            ms = e.get("dur", 0) / 1e3 / counted
+            by_op[op] = by_op.get(op, 0.0) + ms
+            cell = by_size.setdefault(_spatial(args.get("output_type_shape")), [0.0, 0.0])
+            cell[0 if op in MAC_OPS else 1] += ms
     mac = sum(v for k, v in by_op.items() if k in MAC_OPS)
     total = sum(by_op.values())
     return {"runs": counted, "kernel_ms": total, "mac_ops_ms": mac, "other_ops_ms": total - mac,
-            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "by_size": {k: {"mac_ops_ms": v[0], "other_ops_ms": v[1]}
+                        for k, v in sorted(by_size.items(), key=lambda kv: _size_key(kv[0]))}}
+
+
+def _spatial(shapes) -> str:
+    """'HxW' of a node's first output when it is an image tensor ([N, C, H, W], NCHWc's
+    [N, C/b, H, W, b] included), else 'other' (tokens, the detector's flattened anchors, vectors)."""
+    try:
+        dims = list(shapes[0].values())[0]
+    except (TypeError, IndexError, AttributeError):
+        return "other"
+    if len(dims) == 4 or (len(dims) == 5 and dims[-1] in (4, 8, 16)):
+        return f"{dims[2]}x{dims[3]}"
+    return "other"
+
+
+def _size_key(k: str) -> tuple:
+    """Largest spatial size first, 'other' last."""
+    if k == "other":
+        return (1, 0)
+    h, w = (int(x) for x in k.split("x"))
+    return (0, -h * w)
 
 
 def speedups(result: dict, baseline: int | str = 0) -> dict[str, dict[int, float]]:

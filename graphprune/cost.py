@@ -64,14 +64,19 @@ class CostModel:
 
     def add_latency(self, table) -> int:
         """Per-layer latency terms (ms) from a graphprune.latency.LatencyTable; returns how many
-        layers have a table (others are fixed cost the end-to-end measurement accounts for)."""
-        from .latency import interpolator, layer_spec
+        layers have a table (others are fixed cost the end-to-end measurement accounts for). A
+        MatMul of two activations (attention) is timed at full size and scales with its kept units."""
+        from .latency import interpolator, layer_spec, pair_spec
 
         for layer in self.trace.state.layers:
             spec = layer_spec(self.trace, layer)
             if spec is None:
-                continue
-            f = interpolator(*table.grid(spec))
+                pair = pair_spec(self.trace, layer)
+                if pair is None:
+                    continue
+                f = _linear(table.pair_ms(pair), layer.out_size, layer.in_size)
+            else:
+                f = interpolator(*table.grid(spec))
             arrays, slots = [], []
             for ids, size in ((layer.out_ids, layer.out_size), (layer.in_ids, layer.in_size)):
                 slots.append(None if ids is None else len(arrays))
@@ -155,6 +160,14 @@ class CostModel:
     def restore(self, roots) -> None:
         """Put back units removed earlier."""
         self.remove(roots, sign=+1)
+
+
+def _linear(ms: float, out_size: int, in_size: int):
+    """ms at full width, scaled by the kept fraction of each axis."""
+    def f(o: float, i: float = 1.0) -> float:
+        return ms * (o / max(out_size, 1)) * (i / max(in_size, 1))
+
+    return f
 
 
 def model_costs(trace: Trace) -> dict[str, float]:

@@ -297,6 +297,28 @@ class LatencyTable:
         self.seconds += time.perf_counter() - t
         return outs, ins, ms
 
+    def pair_ms(self, spec: dict) -> float:
+        """Latency (ms) of a MatMul of two activations (``pair_spec``) at full size, at this table's
+        batch (the leading axis times the batch), from the cache or measured now."""
+        key = self.prefix + "|pair|" + hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        if key in self.cache:
+            return float(self.cache[key])
+        t = time.perf_counter()
+        rng = np.random.default_rng(0)
+        elem, dtype = ((TensorProto.FLOAT16, np.float16) if self.precision == "fp16"
+                       else (TensorProto.FLOAT, np.float32))
+        shapes = {n: [d * self.batch if k == 0 else d for k, d in enumerate(spec[n])] for n in ("a", "b")}
+        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "pair",
+                                  [helper.make_tensor_value_info(n, elem, shapes[n]) for n in ("a", "b")],
+                                  [helper.make_tensor_value_info("y", elem, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        ms = self._time(model, {n: rng.standard_normal(shapes[n]).astype(dtype) for n in ("a", "b")})
+        self.cache[key] = ms
+        self.measured += 1
+        self.seconds += time.perf_counter() - t
+        return ms
+
     def axis_times(self, spec: dict, axis: str, widths) -> dict[int, float]:
         """Latency (ms) of one layer at each width of ``axis`` ("out" or "in"; the other axis at its
         full width), from the cache or measured now (the missing widths together, interleaved).
@@ -344,6 +366,31 @@ def layer_spec(trace, layer) -> dict | None:
         return {"op": layer.op, "attrs": {}, "in_shape": list(in_shape), "kernel": [], "groups": 1,
                 "depthwise": False, "out": layer.out_size, "in": layer.in_size}
     return None
+
+
+def pair_spec(trace, layer) -> dict | None:
+    """A MatMul of two activations (attention's scores Q·Kᵀ and their product with V): both input
+    shapes at batch 1, or None. It has no weight to build a width grid from; its time is measured at
+    full size and scales linearly with its kept units (heads), as batched matmuls do."""
+    if layer.op != "MatMul" or (layer.out_ids is None and layer.in_ids is None):
+        return None  # no unit of any group scales it: a fixed cost, nothing to rank by
+    node = trace.graph_node(layer.node)
+    st = trace.state
+    if len(node.inputs) != 2 or any(st.const(t) is not None for t in node.inputs):
+        return None
+    a, b = (list(st.cost_shape(t) or []) for t in node.inputs)
+    if len(a) < 3 or len(a) != len(b):
+        return None
+    # a dim shape inference left open is read from the other side: the contracted axis, batch axes
+    if a[-1] is None or b[-2] is None:
+        a[-1] = b[-2] = a[-1] if a[-1] is not None else b[-2]
+    for k in range(len(a) - 2):
+        if a[k] is None or b[k] is None:
+            a[k] = b[k] = a[k] if a[k] is not None else b[k]
+    if None in a or None in b:
+        return None
+    return {"op": "MatMul2", "a": [int(d) for d in a], "b": [int(d) for d in b], "out": layer.out_size,
+            "in": layer.in_size}
 
 
 def interpolator(outs, ins, ms):

@@ -14,14 +14,25 @@ from torch import nn
 from samples.producers import Conv, TinyYOLOv8
 
 WIDTHS = (16, 32, 64, 128, 256)  # yolov8n: 64, 128, 256, 512, 1024 x width multiple 0.25
+WIDTHS_S = (32, 64, 128, 256, 512)  # yolov8s: width multiple 0.5 (same depth 0.33; ~11.2M params)
 
 
 def yolov8n(imgsz: int = 640, nc: int = 80) -> nn.Module:
     """The detector in eval mode with BN folded and Detect's anchors cached for ``imgsz`` (the
     export size; a multiple of 32). Output: [batch, 4 + nc, anchors]."""
+    return _detector(WIDTHS, imgsz, nc)
+
+
+def yolov8s(imgsz: int = 640, nc: int = 80) -> nn.Module:
+    """The same detector at YOLOv8s widths (channels 32-512, head class branch 128; ~14 GMACs at
+    640x640): the size most deployments of the family use."""
+    return _detector(WIDTHS_S, imgsz, nc)
+
+
+def _detector(widths, imgsz: int, nc: int) -> nn.Module:
     assert imgsz % 32 == 0, imgsz
     torch.manual_seed(0)
-    model = TinyYOLOv8(nc=nc, w=WIDTHS)
+    model = TinyYOLOv8(nc=nc, w=widths)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():

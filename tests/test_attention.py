@@ -348,3 +348,38 @@ def test_expanded_mask_read_elsewhere_keeps_heads(mask_model):
     heads = [g for g in info["groups"] if g["size"] == H and g["channels_per_unit"] > 1]
     assert len(heads) == 1 and not heads[0]["prunable"]
     assert any("attention mask" in r for r in heads[0]["frozen"]), heads[0]["frozen"]
+
+
+@pytest.mark.parametrize("pattern", [(True, False, "torchscript"), (False, True, "dynamo"), (None, False, "dynamo")],
+                         ids=_id)
+def test_latency_model_times_the_attention_matmuls(attention_models, pattern, tmp_path, monkeypatch):
+    """--round-to auto and --keep-latency rank by measured time: the two MatMuls of activations per
+    attention (scores and their product with V; no weight, so no width grid) are timed at full size
+    and scale with the kept heads, so removing a head saves their share too (without them a head
+    looked cheaper than it is and auto kept heads that unrounded plans remove)."""
+    from graphprune import latency
+    from graphprune.cost import CostModel
+    from graphprune.latency import LatencyTable, layer_spec, pair_spec
+    from graphprune.stages.load import load_and_trace
+
+    path = attention_models[pattern]
+    name = onnx.load(path, load_external_data=False).graph.input[0].name
+    _, tr = load_and_trace(path, {name: [1, T, 16]})
+    timed = [L for L in tr.state.layers if layer_spec(tr, L) is not None]
+    pairs = [L for L in tr.state.layers if layer_spec(tr, L) is None and pair_spec(tr, L) is not None]
+    assert len(pairs) == 2 and all(L.out_size == H for L in pairs)
+    table = LatencyTable("cpu", batch=2, cache=tmp_path / "lat.json", threads=1)
+    cm = CostModel(tr)
+    assert cm.add_latency(table) == len(timed) + 2
+    pair_ms = sum(table.pair_ms(pair_spec(tr, L)) for L in pairs)
+    assert pair_ms > 0 and sum(1 for k in table.cache if "|pair|" in k) == 2
+    (head,) = [g for g in tr.groups if g.prunable and g.size == H]
+    with_pairs = -cm.delta(head.units[:1], "latency")
+    monkeypatch.setattr(latency, "pair_spec", lambda trace, layer: None)
+    without = CostModel(tr)
+    assert without.add_latency(table) == len(timed)
+    assert with_pairs - -without.delta(head.units[:1], "latency") == pytest.approx(pair_ms / H, rel=1e-9)
+    table.save()
+    again = LatencyTable("cpu", batch=2, cache=tmp_path / "lat.json", threads=1)
+    monkeypatch.undo()
+    assert CostModel(tr).add_latency(again) == len(timed) + 2 and again.measured == 0  # cached

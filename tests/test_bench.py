@@ -269,6 +269,34 @@ def test_cli_profile_splits_kernel_time_by_op_type(two_files, tmp_path, capsys):
         assert not [p for p in folder.iterdir() if p.name.startswith(("onnxruntime_profile", "model0_", "model1_"))]
 
 
+def test_profile_splits_time_by_output_size(tmp_path, capsys):
+    """--profile also says at which output size the time goes (where a pruned detector's time did not
+    fall): a 32x32 conv chain, a MaxPool to 16x16 and a wide conv there, and a Flatten."""
+    m = conv_model((3, 8, 8), hw=32, name="sizes")
+    m.graph.output[0].name = "r1"  # keep the 32x32 chain's last ReLU output as an intermediate
+    m.graph.node[-1].output[0] = "r1"
+    m.graph.initializer.extend([const("w9", (96, 8, 3, 3))])
+    m.graph.node.extend([helper.make_node("MaxPool", ["r1"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                         helper.make_node("Conv", ["p", "w9"], ["c9"], pads=[1, 1, 1, 1]),
+                         helper.make_node("Flatten", ["c9"], ["y"])])
+    del m.graph.output[:]
+    m.graph.output.extend([helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 96 * 16 * 16])])
+    onnx.checker.check_model(m)
+    path, out = tmp_path / "sizes.onnx", tmp_path / "bench.json"
+    onnx.save(m, path)
+    assert cli("bench", path, "--runs", 2, "--warmup", 1, "--batch", "2", "--ci", 0, "--threads", 1,
+               "--profile", 2, "--json", out) == 0
+    text = capsys.readouterr().out
+    (p,) = json.loads(out.read_text())["profiles"]
+    sizes = p["by_size"]
+    assert list(sizes) == ["32x32", "16x16", "other"]  # largest first, non-image outputs last
+    assert sizes["32x32"]["mac_ops_ms"] > 0 and sizes["16x16"]["mac_ops_ms"] > 0
+    assert sizes["16x16"]["other_ops_ms"] > 0  # the MaxPool's output is 16x16
+    assert sum(v["mac_ops_ms"] for v in sizes.values()) == pytest.approx(p["mac_ops_ms"])
+    assert sum(v["other_ops_ms"] for v in sizes.values()) == pytest.approx(p["other_ops_ms"])
+    assert "by output size" in text and "16x16 MAC ops *" in text and "32x32 other ops" in text
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA is available: nothing to fall back from")
 def test_cli_cuda_fallback_warns(two_files, capsys):
     assert cli("bench", two_files[0], "--provider", "cuda", "--runs", 2, "--warmup", 0, "--batch", 1) == 0

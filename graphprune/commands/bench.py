@@ -163,3 +163,10 @@ def print_profile(profiles: list[dict], batch: int, top: int = 10) -> None:
     print(f"{'(other op types)':<22}" + "".join(f" {cell(p, rest):>{w + 9}}" for p in profiles))
     for label, key in (("MAC ops *", "mac_ops_ms"), ("all other ops", "other_ops_ms"), ("all kernels", "kernel_ms")):
         print(f"{label:<22}" + "".join(f" {cell(p, lambda q: q[key]):>{w + 9}}" for p in profiles))
+    sizes = list(dict.fromkeys(k for p in profiles for k in p.get("by_size", {})))
+    if len(sizes) > 1:  # where the time did not fall: per output size, MAC ops then the rest
+        print("by output size (H x W of each op's output; 'other': tokens, flattened, vectors):")
+        for size in sizes:
+            for label, key in (("MAC ops *", "mac_ops_ms"), ("other ops", "other_ops_ms")):
+                get = lambda q: q.get("by_size", {}).get(size, {}).get(key, 0.0)  # noqa: E731
+                print(f"{size + ' ' + label:<22}" + "".join(f" {cell(p, get):>{w + 9}}" for p in profiles))
