@@ -4,11 +4,12 @@ pinned intra-op threads, timed until the 95% bootstrap interval of the speed-up 
 --max-time), and record MACs reduction, speed-up with its interval and efficiency (speed-up ÷ MACs
 reduction); for --keep-latency, where the measured latency lands against F x dense.
 
-    python benchmarks/speedup.py [--models resnet50,mobilenet_v2,yolov8n,vit_tiny,vit] [--batches 1,8]
+    python benchmarks/speedup.py [--models resnet50,mobilenet_v2,yolov8n,yolov8s,vit_tiny,vit] [--batches 1,8]
         [--budgets flops0.7,flops0.7-auto,...,latency0.5] [--threads 1] [--work DIR] [--fresh] [--collect-only]
 
 Models: ResNet-50 at 224 (samples/resnet50.py), MobileNetV2 at 224 (samples/imagenet.py), a
-YOLOv8n-sized detector at 640 (samples/yolov8n.py), a ViT at DeiT-Tiny sizes at 224
+YOLOv8n-sized detector at 640 (samples/yolov8n.py) and the same at YOLOv8s widths
+(samples/yolov8n.py:yolov8s), a ViT at DeiT-Tiny sizes at 224
 (samples/transformers.py:vit_tiny), and the digits ViT (samples/digits_vit.onnx; 0.1 ms a batch, so
 its time is per-op overhead: it shows where a latency target cannot land).
 Budgets (default: all): flops0.7 / flops0.5 / flops0.3 (--round-to 1), the same with -auto
@@ -162,6 +163,11 @@ def profile_cell(r: dict) -> str:
             f"({r['other_ops_share_dense']:.0%})")
 
 
+def budget_flags(r: dict) -> str:
+    return (f"--keep-{'flops' if r['kind'] == 'flops' else 'latency'} {r['ratio']:g}"
+            + (" --round-to auto" if r["kind"] == "flops" and r["round_to"] == "auto" else ""))
+
+
 def write_results(rows: list[dict], out: str, env: dict) -> None:
     with open(out + ".json", "w") as fh:
         json.dump({"env": env, "rows": rows}, fh, indent=2)
@@ -188,13 +194,12 @@ def write_results(rows: list[dict], out: str, env: dict) -> None:
             notes.append("outside ±5%")
         if r.get("budget_met") is False:
             notes.append("budget not met")
-        budget = (f"--keep-{'flops' if r['kind'] == 'flops' else 'latency'} {r['ratio']:g}"
-                  + (" --round-to auto" if r["kind"] == "flops" and r["round_to"] == "auto" else ""))
+        budget = budget_flags(r)
         lines.append(f"| {r['model']} | {r['batch']} | {budget} | {r['macs_ratio']:.1%} | {r['dense_p50_ms']:.3f} | "
                      f"{r['pruned_p50_ms']:.3f} | x{r['speedup']:.2f} [{lo:.2f}, {hi:.2f}] | x{r['macs_reduction']:.2f} | "
                      f"{r['efficiency']:.2f} | {landing} | {profile_cell(r)} | {'; '.join(notes)} |")
     checks = []
-    for name in ("resnet50", "yolov8n"):
+    for name in ("resnet50", "yolov8n", "yolov8s"):
         r = next((r for r in rows if r["model"] == name and r["batch"] == 8 and r["budget"] == "flops0.5-auto"), None)
         if r:
             checks.append(f"* {name}, batch 8, --keep-flops 0.5 --round-to auto: efficiency {r['efficiency']:.2f} "
@@ -206,9 +211,19 @@ def write_results(rows: list[dict], out: str, env: dict) -> None:
         if r["budget"] == "latency0.5":
             checks.append(f"* {r['model']} b{r['batch']} --keep-latency 0.5: lands {r['landing']:+.1%} "
                           f"({'within' if abs(r['landing']) <= 0.05 else 'OUTSIDE'} ±5%)")
+    where = []  # where the time did not fall, per output size (the profiler's), for the 0.5 rows
+    for r in rows:
+        if r.get("by_size") and r["budget"] == "flops0.5-auto":
+            where += ["", f"{r['model']} batch {r['batch']} {budget_flags(r)}: kernel ms per inference by "
+                      "output size (onnxruntime profiler; 'other': tokens, the detector's flattened anchors)", "",
+                      "| output size | MAC ops dense ms | MAC ops pruned ms (x) | other ops dense ms | "
+                      "other ops pruned ms (x) |", "|---|---|---|---|---|"]
+            for size, (dm, do, pm, po) in r["by_size"].items():
+                x = lambda p, d: f" (x{p / d:.2f})" if d > 0 else ""  # noqa: E731
+                where.append(f"| {size} | {dm:.1f} | {pm:.1f}{x(pm, dm)} | {do:.1f} | {po:.1f}{x(po, do)} |")
     with open(out + ".md", "w") as fh:
-        fh.write("\n".join(lines + ["", *checks]) + "\n")
-    print("\n".join(lines + ["", *checks]))
+        fh.write("\n".join(lines + ["", *checks, *where]) + "\n")
+    print("\n".join(lines + ["", *checks, *where]))
 
 
 def main(argv=None) -> int:

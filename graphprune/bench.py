@@ -407,8 +407,9 @@ def op_profile(sess, run, runs: int = 5) -> dict:
 
 
 def _spatial(shapes) -> str:
-    """'HxW' of a node's first output when it is an image tensor ([N, C, H, W], NCHWc's
-    [N, C/b, H, W, b] included), else 'other' (tokens, the detector's flattened anchors, vectors)."""
+    """'HxW' of a node's first output when it is 4-D ([N, C, H, W]; NCHWc's [N, C/b, H, W, b] too),
+    else 'other' (tokens, flattened anchors, vectors). A 4-D tensor that is not an image is labelled
+    by its dims 2 and 3 all the same (a YOLO head's DFL, [N, 16, 4, anchors], shows as '4x8400')."""
     try:
         dims = list(shapes[0].values())[0]
     except (TypeError, IndexError, AttributeError):

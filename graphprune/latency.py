@@ -13,6 +13,9 @@ model sharing layer shapes, measures nothing):
   input channels in whole blocks; GPU tensor cores in multiples of 8), so latency is a staircase
   in the width, and a width just above a step costs as much as the top of the next one.
 
+A MatMul of two activations (attention's scores and their product with V) has no weight to build a
+grid from: it is timed once at full size and scales linearly with its kept heads.
+
 Candidate widths of one layer axis are timed interleaved (rotating order, medians), with the
 intra-op thread count pinned; GPU providers warm up until stable (TensorRT engine builds) and time
 with I/O binding.

@@ -33,7 +33,8 @@ def register(sub, common) -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, N profiled runs per model and batch (onnxruntime's profiler): kernel time "
                         "per op type, and the split between MAC ops (Conv, MatMul, Gemm and their fused forms) "
-                        "and everything else, which shows where a speed-up falls short of the MACs removed")
+                        "and everything else, also per output size (H x W), which shows where a speed-up falls "
+                        "short of the MACs removed")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--json", metavar="FILE", help="write the full result as JSON here")
     common["add_input_shape"](p, "input size of the random inputs (batch replaced by --batch): 1,3,640,640, or "
@@ -165,7 +166,7 @@ def print_profile(profiles: list[dict], batch: int, top: int = 10) -> None:
         print(f"{label:<22}" + "".join(f" {cell(p, lambda q: q[key]):>{w + 9}}" for p in profiles))
     sizes = list(dict.fromkeys(k for p in profiles for k in p.get("by_size", {})))
     if len(sizes) > 1:  # where the time did not fall: per output size, MAC ops then the rest
-        print("by output size (H x W of each op's output; 'other': tokens, flattened, vectors):")
+        print("by output size (dims 2 x 3 of each op's 4-D output; 'other': any other rank):")
         for size in sizes:
             for label, key in (("MAC ops *", "mac_ops_ms"), ("other ops", "other_ops_ms")):
                 get = lambda q: q.get("by_size", {}).get(size, {}).get(key, 0.0)  # noqa: E731
