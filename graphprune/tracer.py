@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from . import log
 from .export import weightless
-from .io import infer, opset_of
+from .io import infer
 from .rules import REGISTRY, SOURCE_OPS, Member, Source, TraceState
 from .rules.base import DEFAULT_DOMAINS as _DEFAULT_DOMAINS
 from .shapes import text as shapes_text
@@ -536,9 +536,3 @@ def _build(graph: gs.Graph, st: TraceState, opset: int) -> Trace:
             if gid >= 0:
                 groups[gid].min_keep = max(groups[gid].min_keep, n)
     return Trace(graph, st, roots, groups, unit_gid, unit_pos, opset)
-
-
-def trace_model(model: onnx.ModelProto, input_shapes=None) -> Trace:
-    from .shapes import resolve
-
-    return trace(to_graph(model), opset_of(model), resolve(model, input_shapes))
