@@ -123,3 +123,37 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
                    capture_output=True, timeout=120)
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
+
+
+def test_latency_correction_brackets_a_steep_response():
+    """The layer budget's next value: proportional until attempts lie on both sides of the goal, then
+    interpolated between the nearest two, so a steep stepped response (MobileNetV2 at batch 1, measured:
+    layer budget 0.50 -> 0.385 of dense, 0.649 -> 0.603) lands instead of bouncing around the goal."""
+    import numpy as np
+
+    from graphprune.stages.latency import next_layer_budget
+
+    assert next_layer_budget([(0.5, 0.4)], 0.5) == pytest.approx(0.625)  # one attempt: proportional
+    assert next_layer_budget([(0.5, 0.6), (0.42, 0.55)], 0.5) == pytest.approx(0.42 * 0.5 / 0.55)
+    assert next_layer_budget([(0.5, 0.4), (0.6, 0.6)], 0.5) == pytest.approx(0.55)  # bracketed
+    # a non-monotone pair (noise) falls back to the midpoint; results stay in (0, 1)
+    assert next_layer_budget([(0.5, 0.6), (0.6, 0.4)], 0.5) == pytest.approx(0.55)
+    assert next_layer_budget([(0.9, 0.2)], 0.5) == 0.99 and next_layer_budget([(0.02, 0.9)], 0.1) >= 0.01
+    measured = [(0.5, 0.385), (0.5383, 0.43), (0.573, 0.455), (0.6264, 0.547), (0.6487, 0.603)]
+
+    def response(b):
+        return float(np.interp(b, *zip(*measured)))
+
+    tried, budget = [], 0.5
+    for _ in range(5):
+        tried.append((budget, response(budget)))
+        if abs(tried[-1][1] / 0.5 - 1) <= 0.05:
+            break
+        budget = next_layer_budget(tried, 0.5)
+    assert abs(tried[-1][1] / 0.5 - 1) <= 0.05 and len(tried) <= 4, tried
+    # the proportional rule alone, on the same response, had not landed after five attempts
+    budget, fracs = 0.5, []
+    for _ in range(5):
+        fracs.append(response(budget))
+        budget = budget * 0.5 / fracs[-1]
+    assert all(abs(f / 0.5 - 1) > 0.05 for f in fracs), fracs

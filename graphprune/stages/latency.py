@@ -18,6 +18,27 @@ from .plan import RoundResult, apply_round
 from .score import Scoring
 
 
+def next_layer_budget(tried: list[tuple[float, float]], goal: float) -> float:
+    """The layer budget to try next, from the attempts so far: (layer budget, measured latency as a
+    fraction of dense, both from one interleaved pair, so a drifting machine moves both alike). Once
+    attempts lie on both sides of the goal, interpolate between the nearest two (the measured response
+    is monotone but steep and stepped where widths snap, so a proportional step overshoots: MobileNetV2
+    at batch 1 went 0.50 -> 0.65 -> 0.54 -> 0.63 -> 0.57 and never landed); before that, scale the
+    nearest attempt's budget by goal / measured."""
+    below = [t for t in tried if t[1] < goal]
+    above = [t for t in tried if t[1] > goal]
+    if below and above:
+        (b0, f0), (b1, f1) = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
+        nxt = b0 + (goal - f0) * (b1 - b0) / (f1 - f0) if f1 != f0 else (b0 + b1) / 2
+        lo, hi = min(b0, b1), max(b0, b1)
+        if not lo < nxt < hi or any(abs(nxt - b) < 1e-4 for b, _ in tried):
+            nxt = (b0 + b1) / 2  # a non-monotone pair, or a budget already measured
+    else:
+        b, f = min(tried, key=lambda t: abs(t[1] / goal - 1))
+        nxt = b * goal / max(f, 1e-9)
+    return float(min(0.99, max(0.01, nxt)))  # 1.0 would remove nothing
+
+
 class LatencyRound:
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -31,7 +52,7 @@ class LatencyRound:
         table = LatencyTable(**{"provider": config.provider, "batch": config.latency_batch,
                                 "cache": config.latency_cache, **(budget.hardware or {})}, shapes=tr.input_shapes)
         dense_model = export_graph(tr.graph.copy(), model)  # the original as deployed (before any compensation)
-        ratio, attempts, best = budget.ratio, [], None
+        ratio, attempts, best, tried = budget.ratio, [], None, []
         for attempt in range(config.latency_attempts):
             tp = time.perf_counter()
             plan = make_plan(tr, scoring.scores,
@@ -54,7 +75,8 @@ class LatencyRound:
                 best = (error, (res, measured, dense, target, attempts[-1]["predicted_ms"]), within)
             if within:
                 break
-            ratio = float(min(0.99, max(0.01, ratio * target / measured)))  # 1.0 would remove nothing
+            tried.append((ratio, measured / dense))
+            ratio = next_layer_budget(tried, budget.ratio)
         timings[tag + "latency_planning"] = time.perf_counter() - t
         timings[tag + "latency_tables_measured_s"] = table.seconds
         table.save()
