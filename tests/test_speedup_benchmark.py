@@ -51,6 +51,25 @@ def test_smallest_configuration_and_resume(tmp_path):
 
 
 def test_unknown_selection_is_refused(tmp_path):
-    for args in (["--models", "alexnet"], ["--budgets", "flops2"], ["--budgets", "speed0.5"]):
+    for args in (["--models", "alexnet"], ["--models", "zoo_alexnet"], ["--budgets", "flops2"],
+                 ["--budgets", "speed0.5"]):
         res = run(*args, "--work", tmp_path / "w", "--out", tmp_path / "r")
         assert res.returncode != 0 and "unknown" in res.stderr
+
+
+def test_zoo_selection_expands_to_every_family(tmp_path):
+    """--models zoo names each sample-zoo family as zoo_<name>, with the zoo's own input shape; a
+    --collect-only run over rows that are not there writes an empty table."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speedup
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from samples import zoo
+
+    assert speedup.model_source("zoo_mobilenet_v3") == ("samples/zoo.py:mobilenet_v3",
+                                                        ",".join(map(str, zoo.input_shape("mobilenet_v3"))))
+    assert set(speedup.ZOO) <= set(zoo.ZOO)
+    res = run("--models", "zoo,resnet50", "--collect-only", "--work", tmp_path / "w", "--out", tmp_path / "r")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == []
