@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -123,7 +123,38 @@ def _blocks(order: np.ndarray, n: int, step: int, max_remove: int) -> list[np.nd
 
 def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, latency_table=None) -> Plan:
     """latency_table (graphprune.latency.LatencyTable) is required for budget kind "latency": the
-    ratio then applies to the sum of the measured per-layer latencies."""
+    ratio then applies to the sum of the measured per-layer latencies.
+
+    With round_to "auto" on a CPU with blocked (NCHWc) kernels, groups keep whole blocks and at least
+    one (``channel_blocks``); when that floor leaves the budget out of reach (narrow models: the sample
+    zoo's 16-64-channel layers at 32x32), the plan is made again without it, in free widths snapped
+    to the measured staircases, and ``snap_info["channel_floor_relaxed"]`` says so."""
+    if budget.round_to != "auto" or budget.kind in ("lossless", "channels"):
+        return _make_plan(trace, scores, budget, latency_table, True)
+    own_table = None
+    if latency_table is None:
+        from .latency import LatencyTable
+
+        latency_table = own_table = LatencyTable(**(budget.hardware or {}), shapes=trace.input_shapes)
+    plan = _make_plan(trace, scores, replace(budget, best_effort=True), latency_table, True)
+    if not plan.budget_met and plan.snap_info.get("groups_floored"):
+        free = _make_plan(trace, scores, replace(budget, best_effort=True), latency_table, False)
+        kind = {"flops": "macs", "params": "params", "latency": "latency"}[budget.kind]
+        if free.budget_met or free.after[kind] < plan.after[kind]:
+            free.snap_info["channel_floor_relaxed"] = True
+            free.notes.append(f"--round-to auto: keeping whole {plan.snap_info.get('channel_block')}-channel "
+                              f"blocks left the budget out of reach ({plan.after[kind] / plan.before[kind]:.3f}); "
+                              "planned in free widths instead")
+            plan = free
+    if own_table is not None:
+        own_table.save()
+    if not plan.budget_met and not budget.best_effort:
+        raise UserError(plan.notes[0] + "; use --best-effort to prune as far as possible")
+    return plan
+
+
+def _make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, latency_table, floor: bool) -> Plan:
+    """make_plan's plan; floor: whole NCHWc blocks and at least one per group (``channel_blocks``)."""
     cm = CostModel(trace)
     own_table = None  # a table made here (round_to "auto" without one given) is saved here
     if budget.kind == "latency":
@@ -140,7 +171,8 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
 
         if latency_table is None:
             latency_table = own_table = LatencyTable(**(budget.hardware or {}), shapes=trace.input_shapes)
-        blocks = channel_blocks(trace, int(getattr(latency_table, "channel_block", 1) or 1))
+        if floor:
+            blocks = channel_blocks(trace, int(getattr(latency_table, "channel_block", 1) or 1))
     for g in trace.groups:
         if not g.prunable or g.id not in scores:
             continue

@@ -235,3 +235,26 @@ def test_prune_round_to_auto_end_to_end(tmp_path, monkeypatch):
     assert rep["budget"]["round_to"] == "auto" and rep["budget_met"] and rep["verification"]["ok"]
     assert rep["totals"]["macs_ratio"] <= 0.5 + 1e-9
     assert (tmp_path / "latency.json").exists()
+
+
+def test_a_narrow_model_relaxes_the_channel_floor_to_meet_the_budget(tmp_path, monkeypatch):
+    """Groups of 16-24 channels (the sample zoo at 32x32) cannot reach 30% of the MACs while each keeps
+    a whole 16-channel block: the plan is made again in free widths, meets the budget and says so;
+    a budget the floor allows keeps it."""
+    monkeypatch.setattr(planner, "RANK_BY_LATENCY", True)
+    tr = trace_of(chain((16, 24, 16), spatial=8))
+    scores = scores_for(tr, seed=3)
+    table = SmoothTable("cpu", 2, tmp_path / "lat.json", shapes=tr.input_shapes, channel_block=16)
+    plan = make_plan(tr, scores, Budget("flops", 0.3, round_to="auto"), latency_table=table)
+    assert plan.budget_met and plan.after["macs"] <= 0.3 * plan.before["macs"] * (1 + 1e-9)
+    assert plan.snap_info.get("channel_floor_relaxed") is True
+    assert any("free widths" in n for n in plan.notes), plan.notes
+    kept = [(g.size - len(plan.removed.get(g.id, []))) * g.channels_per_unit for g in tr.groups if g.prunable]
+    assert min(kept) < 16, kept
+    easy = make_plan(tr, scores, Budget("flops", 0.9, round_to="auto"), latency_table=table)
+    assert easy.budget_met and not easy.snap_info.get("channel_floor_relaxed")
+    kept = [(g.size - len(easy.removed.get(g.id, []))) * g.channels_per_unit for g in tr.groups if g.prunable]
+    assert all(k >= 16 for k in kept), kept
+    # out of reach even in free widths: one line, as before, naming --best-effort
+    with pytest.raises(UserError, match="--best-effort"):
+        make_plan(tr, scores, Budget("flops", 0.001, round_to="auto"), latency_table=table)
