@@ -88,7 +88,8 @@ class LatencyRound:
                        "threads": table.threads, "round_to": budget.round_to,
                        "widths": res.plan.snapped}  # round_to auto: per group the planned and snapped width
         res.plan.budget_met = met
-        res.plan.notes = []  # the layer-sum budget is internal; only the measured target counts
+        # the layer-sum budget is internal (only the measured target counts); the width rule's note stays
+        res.plan.notes = [n for n in res.plan.notes if n.startswith("--round-to auto")]
         if not met:
             layers = attempts[0]["layers_ms_before"]
             msg = (f"--keep-latency {budget.ratio:g}: best measured {measured:.3f} ms for a target of "
