@@ -78,8 +78,17 @@ def nchwc_block(cpuinfo: str = "/proc/cpuinfo", machine: str | None = None) -> i
     return 16 if "avx512f" in flags else 8 if "avx2" in flags else 1
 
 
-def _widths(full: int) -> list[int]:
-    return sorted({max(1, int(round(f * full))) for f in GRID})
+def _widths(full: int, block: int = 1) -> list[int]:
+    """Grid widths of one axis: the GRID fractions of the full width. With blocked (NCHWc) kernels
+    (``block`` > 1) and a layer at least one block wide, the inner points are rounded to whole blocks:
+    the fast top of each step of the staircase, where --round-to auto snaps. An odd point (54 of 72) is
+    a slow plain-layout width, and interpolating towards it said that narrowing a 72-channel layer
+    costs time until half of it was gone, so the planner never narrowed it (the sample zoo's
+    MobileNetV3 missed --keep-latency 0.5 by +69%)."""
+    ws = {max(1, int(round(f * full))) for f in GRID}
+    if block > 1 and full >= block:
+        ws = {w if w in (1, full) else max(block, int(round(w / block)) * block) for w in ws}
+    return sorted(ws)
 
 
 def candidate_widths(planned: int, full: int, unit: int = 1, lowest: int = 1,
@@ -287,8 +296,12 @@ class LatencyTable:
     def grid(self, spec: dict) -> tuple[list[int], list[int], np.ndarray]:
         """(out widths, in widths, ms[o, i]) for one layer, from the cache or measured now."""
         key = self.prefix + "|" + hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-        outs = _widths(spec["out"])
-        ins = [1] if spec["depthwise"] else _widths(spec["in"])
+        # whole-block grid points where the layer's widths are free (not a grouped conv's per-group widths)
+        block = self.channel_block if spec.get("depthwise") or spec.get("groups", 1) == 1 else 1
+        outs = _widths(spec["out"], block)
+        ins = [1] if spec["depthwise"] else _widths(spec["in"], block)
+        if block > 1:
+            key += f"|b{block}"  # tables cached before the block-aligned grid hold other widths
         if key in self.cache:
             return outs, ins, np.asarray(self.cache[key])
         t = time.perf_counter()

@@ -68,6 +68,8 @@ class Plan:
 #: layer), stopping when the budget is met
 RANK_BY_LATENCY = True
 RANK_BUDGET_WEIGHT = 0.05
+#: how far (fraction of a group's width) the greedy pass looks past a block that saves no time
+LOOKAHEAD = 0.5
 
 
 def _step(group, round_to, blocks: dict) -> int:
@@ -251,24 +253,40 @@ def _greedy(trace, scores, queues, cm: CostModel, kind: str, target: float, take
         time_saved = max(0.0, -cm.delta(roots, rank)) / max(cm.full[rank], 1e-12)
         return time_saved + RANK_BUDGET_WEIGHT * -cm.delta(roots, kind) / max(cm.full[kind], 1e-12)
 
-    def priority(gid: int, block: np.ndarray) -> float:
-        saving = saved(trace.groups[gid].units[block])
-        s = float(np.sum(scores[gid][block]))
-        return math.inf if saving <= 0 else s / saving
+    def priority(gid: int, k: int) -> tuple[float, int]:
+        """(loss per unit of cost saved, j): blocks k..j of the group's queue taken together, j the
+        first at which the saving turns positive. On a measured staircase the first channels of a wide
+        step save nothing (or cost time: the layer leaves its blocked layout) until the next step is
+        reached; looking ahead up to LOOKAHEAD of the group's width lets the plan walk down the steps."""
+        g, q = trace.groups[gid], queues[gid]
+        limit = max(1, math.ceil(LOOKAHEAD * g.size))
+        roots, s, n = [], 0.0, 0
+        for j in range(k, len(q)):
+            roots.append(g.units[q[j]])
+            s += float(np.sum(scores[gid][q[j]]))
+            n += len(q[j])
+            saving = saved(np.concatenate(roots) if len(roots) > 1 else roots[0])
+            if saving > 0:
+                return s / saving, j
+            if n >= limit:
+                break
+        return math.inf, k
 
-    heap = [(priority(g, b[0]), g, 0) for g, b in queues.items() if b]
+    heap = [(p, g, 0, j) for g, b in queues.items() if b for p, j in [priority(g, 0)]]
     heapq.heapify(heap)
     while heap and cm.totals[kind] > target:
-        p, gid, k = heapq.heappop(heap)
-        block = queues[gid][k]
-        fresh = priority(gid, block)
+        p, gid, k, _ = heapq.heappop(heap)
+        fresh, j = priority(gid, k)
         if fresh > p and heap and fresh > heap[0][0]:
-            heapq.heappush(heap, (fresh, gid, k))
+            heapq.heappush(heap, (fresh, gid, k, j))
             continue
-        if math.isinf(fresh) or not take(gid, block):
+        if math.isinf(fresh) or not take(gid, queues[gid][k]):
             continue
-        if k + 1 < len(queues[gid]):
-            heapq.heappush(heap, (priority(gid, queues[gid][k + 1]), gid, k + 1))
+        if any(not take(gid, queues[gid][m]) for m in range(k + 1, j + 1)):
+            continue  # a tensor would lose its last channel: the group stops here
+        if j + 1 < len(queues[gid]):
+            nxt, jn = priority(gid, j + 1)
+            heapq.heappush(heap, (nxt, gid, j + 1, jn))
     return cm.totals[kind] <= target * (1 + 1e-9)
 
 

@@ -258,3 +258,62 @@ def test_a_narrow_model_relaxes_the_channel_floor_to_meet_the_budget(tmp_path, m
     # out of reach even in free widths: one line, as before, naming --best-effort
     with pytest.raises(UserError, match="--best-effort"):
         make_plan(tr, scores, Budget("flops", 0.001, round_to="auto"), latency_table=table)
+
+
+class LayoutTable(StaircaseTable):
+    """Blocked kernels as onnxruntime runs them on CPU: a Conv whose channel counts are whole
+    16-channel blocks runs in the blocked layout at its MACs; any other width runs in the plain
+    layout at 1.6x (the first conv, fed 3 channels, is plain at every width)."""
+
+    def _time_many(self, items, runs=None):
+        out = []
+        for model, feeds in items:
+            shapes = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
+            x = next(iter(feeds.values())).shape
+            total = 0.0
+            for n in model.graph.node:
+                if n.op_type == "Conv" and n.input[1] in shapes:
+                    w = shapes[n.input[1]]
+                    slow = 1.0 if w[0] % 16 == 0 and (w[1] % 16 == 0 or w[1] == 1) else 1.6
+                    total += slow * int(np.prod(w)) * int(np.prod(x[2:]))
+            out.append(1e-6 * total)
+        return out
+
+
+def test_grid_points_are_whole_blocks_with_blocked_kernels():
+    from graphprune.latency import _widths
+
+    assert _widths(72) == [1, 18, 36, 54, 72]
+    assert _widths(72, 16) == [1, 16, 32, 48, 72]
+    assert _widths(80, 16) == [1, 16, 32, 64, 80]
+    assert _widths(12, 16) == _widths(12)  # narrower than a block: the plain fractions
+
+
+def test_latency_plan_narrows_layers_whose_odd_grid_points_are_slow(tmp_path):
+    """80-channel layers: 60, 40 and 20 channels run in the plain layout and take longer than the
+    whole layer. With the grid on whole blocks, --keep-latency narrows them and meets the layer budget."""
+    tr = trace_of(chain((80, 80, 80), spatial=8))
+    scores = scores_for(tr, seed=2)
+    table = LayoutTable("cpu", 2, tmp_path / "lat.json", shapes=tr.input_shapes, channel_block=16)
+    plan = make_plan(tr, scores, Budget("latency", 0.5, round_to="auto", best_effort=True), latency_table=table)
+    assert plan.budget_met, (plan.after, plan.notes)
+    kept = [(g.size - len(plan.removed.get(g.id, []))) * g.channels_per_unit for g in tr.groups if g.prunable]
+    assert all(k % 16 == 0 and k < 80 for k in kept), kept
+
+
+@pytest.mark.parametrize("lookahead", [0.5, 0.0])
+def test_greedy_looks_past_blocks_that_save_no_time(tmp_path, monkeypatch, lookahead):
+    """A table on the plain fractions of the width (no channel block) says that the first channels
+    removed from an 80-channel layer cost time (80 -> 60 leaves the blocked layout): the greedy pass
+    takes channels together until the saving turns positive. Without the look-ahead, nothing moves."""
+    monkeypatch.setattr(planner, "LOOKAHEAD", lookahead)
+    tr = trace_of(chain((80, 80, 80), spatial=8))
+    scores = scores_for(tr, seed=2)
+    table = LayoutTable("cpu", 2, tmp_path / "lat.json", shapes=tr.input_shapes, channel_block=1)
+    plan = make_plan(tr, scores, Budget("latency", 0.6, round_to="auto", best_effort=True), latency_table=table)
+    kept = [(g.size - len(plan.removed.get(g.id, []))) * g.channels_per_unit for g in tr.groups if g.prunable]
+    if lookahead:
+        assert plan.budget_met and plan.after["latency"] < 0.6 * plan.before["latency"] * (1 + 1e-9)
+        assert any(k < 80 for k in kept), kept
+    else:
+        assert not plan.budget_met and all(k == 80 for k in kept), kept
