@@ -136,6 +136,9 @@ def test_latency_correction_brackets_a_steep_response():
     assert next_layer_budget([(0.5, 0.4)], 0.5) == pytest.approx(0.625)  # one attempt: proportional
     assert next_layer_budget([(0.5, 0.6), (0.42, 0.55)], 0.5) == pytest.approx(0.42 * 0.5 / 0.55)
     assert next_layer_budget([(0.5, 0.4), (0.6, 0.6)], 0.5) == pytest.approx(0.55)  # bracketed
+    # all too fast, noisy (SiLU-net at 32x32: the wider budget measured a little faster): step from the
+    # widest budget, never back to one already measured
+    assert next_layer_budget([(0.7, 0.654), (0.7497, 0.648)], 0.7) == pytest.approx(0.7497 * 0.7 / 0.648)
     # a non-monotone pair (noise) falls back to the midpoint; results stay in (0, 1)
     assert next_layer_budget([(0.5, 0.6), (0.6, 0.4)], 0.5) == pytest.approx(0.55)
     assert next_layer_budget([(0.9, 0.2)], 0.5) == 0.99 and next_layer_budget([(0.02, 0.9)], 0.1) >= 0.01
