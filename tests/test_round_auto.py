@@ -36,15 +36,15 @@ class StaircaseTable(LatencyTable):
         for model, feeds in items:
             shapes = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
             x = next(iter(feeds.values())).shape
-            total = 0.0
-            for node in model.graph.node:
-                if node.op_type in ("Conv", "MatMul") and node.input[1] in shapes:
-                    w = shapes[node.input[1]]
-                    cout, cin = (w[0], w[1]) if node.op_type == "Conv" else (w[1], w[0])
-                    k = int(np.prod(w[2:])) if node.op_type == "Conv" else 1
-                    total += math.ceil(cout / 16) * 16 * math.ceil(cin / 16) * 16 * k * int(np.prod(x[2:]))
-            out.append(total * 1e-6)
+            out.append(1e-6 * sum(self._cost(node.op_type, shapes[node.input[1]], x) for node in model.graph.node
+                                  if node.op_type in ("Conv", "MatMul") and node.input[1] in shapes))
         return out
+
+    @staticmethod
+    def _cost(op, w, x) -> float:
+        cout, cin = (w[0], w[1]) if op == "Conv" else (w[1], w[0])
+        k = int(np.prod(w[2:])) if op == "Conv" else 1
+        return math.ceil(cout / 16) * 16 * math.ceil(cin / 16) * 16 * k * int(np.prod(x[2:]))
 
 
 def test_candidate_widths_are_few_and_in_range():
@@ -265,19 +265,12 @@ class LayoutTable(StaircaseTable):
     16-channel blocks runs in the blocked layout at its MACs; any other width runs in the plain
     layout at 1.6x (the first conv, fed 3 channels, is plain at every width)."""
 
-    def _time_many(self, items, runs=None):
-        out = []
-        for model, feeds in items:
-            shapes = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
-            x = next(iter(feeds.values())).shape
-            total = 0.0
-            for n in model.graph.node:
-                if n.op_type == "Conv" and n.input[1] in shapes:
-                    w = shapes[n.input[1]]
-                    slow = 1.0 if w[0] % 16 == 0 and (w[1] % 16 == 0 or w[1] == 1) else 1.6
-                    total += slow * int(np.prod(w)) * int(np.prod(x[2:]))
-            out.append(1e-6 * total)
-        return out
+    @staticmethod
+    def _cost(op, w, x) -> float:
+        if op != "Conv":
+            return 0.0
+        slow = 1.0 if w[0] % 16 == 0 and (w[1] % 16 == 0 or w[1] == 1) else 1.6
+        return slow * int(np.prod(w)) * int(np.prod(x[2:]))
 
 
 def test_grid_points_are_whole_blocks_with_blocked_kernels():
