@@ -123,14 +123,17 @@ def _blocks(order: np.ndarray, n: int, step: int, max_remove: int) -> list[np.nd
     return out
 
 
-def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, latency_table=None) -> Plan:
+def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, latency_table=None,
+              channel_floor: bool = True) -> Plan:
     """latency_table (graphprune.latency.LatencyTable) is required for budget kind "latency": the
     ratio then applies to the sum of the measured per-layer latencies.
 
     With round_to "auto" on a CPU with blocked (NCHWc) kernels, groups keep whole blocks and at least
     one (``channel_blocks``); when that floor leaves the budget out of reach (narrow models: the sample
     zoo's 16-64-channel layers at 32x32), the plan is made again without it, in free widths snapped
-    to the measured staircases, and ``snap_info["channel_floor_relaxed"]`` says so."""
+    to the measured staircases, and ``snap_info["channel_floor_relaxed"]`` says so.
+    ``channel_floor`` False: free widths from the start (--keep-latency, once one attempt needed them,
+    stays with them: the two kinds of plan respond differently to the layer budget)."""
     if budget.round_to != "auto" or budget.kind in ("lossless", "channels"):
         return _make_plan(trace, scores, budget, latency_table, True)
     own_table = None
@@ -138,8 +141,12 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
         from .latency import LatencyTable
 
         latency_table = own_table = LatencyTable(**(budget.hardware or {}), shapes=trace.input_shapes)
-    plan = _make_plan(trace, scores, replace(budget, best_effort=True), latency_table, True)
-    if not plan.budget_met and plan.snap_info.get("groups_floored"):
+    plan = _make_plan(trace, scores, replace(budget, best_effort=True), latency_table, channel_floor)
+    if not channel_floor:
+        plan.snap_info["channel_floor_relaxed"] = True
+        plan.notes.append("--round-to auto: planned in free widths, without whole-block floors (asked by the caller: "
+                          "an earlier --keep-latency attempt could not meet its layer budget in whole blocks)")
+    elif not plan.budget_met and plan.snap_info.get("groups_floored"):
         free = _make_plan(trace, scores, replace(budget, best_effort=True), latency_table, False)
         kind = {"flops": "macs", "params": "params", "latency": "latency"}[budget.kind]
         if free.budget_met or free.after[kind] < plan.after[kind]:
