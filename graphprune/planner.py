@@ -144,8 +144,8 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
     plan = _make_plan(trace, scores, replace(budget, best_effort=True), latency_table, channel_floor)
     if not channel_floor:
         plan.snap_info["channel_floor_relaxed"] = True
-        plan.notes.append("--round-to auto: planned in free widths, without whole-block floors (asked by the caller: "
-                          "an earlier --keep-latency attempt could not meet its layer budget in whole blocks)")
+        plan.notes.append(f"--round-to auto: planned in free widths: an earlier --keep-latency attempt could not meet "
+                          f"its layer budget in whole {getattr(latency_table, 'channel_block', 1)}-channel blocks")
     elif not plan.budget_met and plan.snap_info.get("groups_floored"):
         free = _make_plan(trace, scores, replace(budget, best_effort=True), latency_table, False)
         kind = {"flops": "macs", "params": "params", "latency": "latency"}[budget.kind]
