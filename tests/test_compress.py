@@ -187,3 +187,56 @@ def test_keep_latency_stays_in_free_widths_once_an_attempt_needed_them(tmp_path,
     assert relaxed, calls  # a quarter of the latency is out of the floor's reach on these 16-64-channel layers
     assert all(not floor for floor, _ in calls[relaxed[0] + 1:]), calls
     assert any(n.startswith("--round-to auto") for n in report["notes"]), report["notes"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_keep_latency_exchanges_blocks_when_layer_budgets_repeat_a_plan(tmp_path, monkeypatch, exchange):
+    """Coarse staircases (whole 16-channel blocks of 32-, 32- and 64-channel layers; timings from a
+    deterministic block cost, end to end the same cost summed over the model's convs, so measured
+    = predicted): at --keep-latency 0.65 the first plan runs at 0.585 of dense, the corrected layer
+    budget gives the same plan again, which is not measured twice; from then on plans exchange blocks
+    (planner._exchange) and land at 0.646 (within ±5%). Without exchanges the correction repeats that
+    one plan and never lands."""
+    import graphprune.latency as latency_mod
+    from graphprune import PruneConfig, planner, prune
+    from graphprune.planner import Budget
+    from onnx import numpy_helper
+    from tests.test_planner import chain
+    from tests.test_round_auto import StaircaseTable
+
+    def cost(model) -> float:
+        shapes = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
+        return 1e-6 * sum(StaircaseTable._cost("Conv", shapes[n.input[1]], (2, 0, 8, 8))
+                          for n in model.graph.node if n.op_type == "Conv")
+
+    def pair(self, dense, pruned, **kw):
+        d, p = cost(dense), cost(pruned)
+        self.last_pair = {"dense_ms": d, "pruned_ms": p, "speedup": d / p, "speedup_ci": [d / p, d / p], "runs": 1,
+                          "stopped": "ci", "threads": self.threads}
+        return d, p
+
+    monkeypatch.setattr(latency_mod.LatencyTable, "_time_many", StaircaseTable._time_many)
+    monkeypatch.setattr(latency_mod.LatencyTable, "_cost", staticmethod(StaircaseTable._cost), raising=False)
+    monkeypatch.setattr(latency_mod.LatencyTable, "measure_pair", pair)
+    monkeypatch.setattr(latency_mod, "nchwc_block", lambda *a, **k: 16)
+    if not exchange:
+        monkeypatch.setattr(planner, "EXCHANGE_ROUNDS", 0)
+    src = tmp_path / "chain.onnx"
+    import onnx
+
+    onnx.save(chain((32, 32, 64), spatial=8), src)
+    config = PruneConfig(budget=Budget("latency", 0.65, round_to="auto", best_effort=True), latency_batch=2,
+                         latency_cache=str(tmp_path / "lat.json"), latency_attempts=3)
+    report = prune(src, tmp_path / "o.onnx", config)
+    lat = report["latency"]
+    attempts = lat["attempts"]
+    assert attempts[0]["measured_ms"] / attempts[0]["dense_ms"] == pytest.approx(0.585, abs=0.002)
+    assert not attempts[0]["exchange"] and all(a["exchange"] for a in attempts[1:]), attempts
+    landed = lat["measured_ms"] / lat["target_ms"] - 1
+    if exchange:  # the corrected budget repeated the first plan: re-planned with exchanges at once
+        assert len(attempts) == 2 and "same_plan_as_attempt" not in attempts[1], attempts
+        assert attempts[1]["measured_ms"] / attempts[1]["dense_ms"] == pytest.approx(0.646, abs=0.002)
+        assert abs(landed) <= 0.05 and report["budget_met"], (landed, attempts)
+    else:  # the one plan again and again: measured once, reused, never lands
+        assert len(attempts) > 2 and all(a.get("same_plan_as_attempt") == 1 for a in attempts[1:]), attempts
+        assert landed < -0.05, (landed, attempts)

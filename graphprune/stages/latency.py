@@ -42,9 +42,18 @@ def next_layer_budget(tried: list[tuple[float, float]], goal: float) -> float:
     return float(min(0.99, max(0.01, nxt)))  # 1.0 would remove nothing
 
 
+def _signature(plan) -> tuple:
+    return tuple(sorted((int(g), tuple(sorted(int(u) for u in units))) for g, units in plan.removed.items()))
+
+
 class LatencyRound:
     def __init__(self, config: PruneConfig):
         self.config = config
+
+    @staticmethod
+    def _plan(tr: Trace, scoring: Scoring, budget: Budget, ratio: float, table, floor: bool, fill: bool):
+        return make_plan(tr, scoring.scores, replace(budget, kind="latency", ratio=ratio, best_effort=True), table,
+                         channel_floor=floor, fill=fill)
 
     def run(self, model: onnx.ModelProto, tr: Trace, scoring: Scoring, budget: Budget, timings: dict,
             tag: str = "") -> RoundResult:
@@ -55,11 +64,16 @@ class LatencyRound:
         table = LatencyTable(**{"provider": config.provider, "batch": config.latency_batch,
                                 "cache": config.latency_cache, **(budget.hardware or {})}, shapes=tr.input_shapes)
         dense_model = export_graph(tr.graph.copy(), model)  # the original as deployed (before any compensation)
-        ratio, attempts, best, tried, floor = budget.ratio, [], None, [], True
-        for attempt in range(config.latency_attempts):
+        ratio, attempts, best, tried, floor, fill = budget.ratio, [], None, [], True, False
+        seen: dict[tuple, int] = {}  # a plan already measured -> its attempt's index
+        measured_plans = 0
+        # an attempt whose plan was measured before costs a plan, not a measurement: at most
+        # --latency-attempts measurements and three times as many plans
+        for attempt in range(3 * config.latency_attempts):
+            if measured_plans >= config.latency_attempts:
+                break
             tp = time.perf_counter()
-            plan = make_plan(tr, scoring.scores,
-                             replace(budget, kind="latency", ratio=ratio, best_effort=True), table, channel_floor=floor)
+            plan = self._plan(tr, scoring, budget, ratio, table, floor, fill)
             if plan.snap_info.get("channel_floor_relaxed") and floor:
                 # free widths from now on: a whole-block plan and a free-width plan land on different
                 # sides of the target (the sample zoo's MobileNetV3: layer budget 0.700 in free widths
@@ -67,16 +81,35 @@ class LatencyRound:
                 # the measured response non-monotone and the correction cannot bracket the target
                 floor = False
                 tried = []
+            if _signature(plan) in seen and not fill:
+                # another layer budget, the same plan: the reachable plans near the target are far
+                # apart (coarse staircases), so from now on plans exchange blocks to land close
+                # under their layer budget (planner._exchange)
+                fill = True
+                plan = self._plan(tr, scoring, budget, ratio, table, floor, fill)
             timings[tag + "plan"] = timings.get(tag + "plan", 0.0) + time.perf_counter() - tp
+            sig = _signature(plan)
+            if sig in seen:  # measured already: its fraction of dense, no second measurement
+                prev = attempts[seen[sig]]
+                attempts.append({**prev, "layer_budget": round(ratio, 4), "same_plan_as_attempt": seen[sig] + 1,
+                                 "exchange": fill})
+                log.info(f"latency attempt {attempt + 1}: layer budget {ratio:.3f} gives the plan of attempt "
+                         f"{seen[sig] + 1} (measured {prev['measured_ms']:.3f} ms)")
+                tried.append((ratio, prev["measured_ms"] / prev["dense_ms"]))
+                ratio = next_layer_budget(tried, budget.ratio)
+                continue
             res = apply_round(model, tr, scoring, plan, config, timings, tag)
             res.compensation.undo(tr)  # the trace graph goes back to the original before another attempt
             dense, measured = table.measure_pair(dense_model, res.pruned)
+            measured_plans += 1
             target = budget.ratio * dense
+            seen[sig] = len(attempts)
             attempts.append({"layer_budget": round(ratio, 4), "layers_ms_before": plan.before["latency"],
                              "layers_ms_predicted": plan.after["latency"],
                              "predicted_ms": dense * plan.after["latency"] / max(plan.before["latency"], 1e-9),
-                             "measured_ms": measured, "measured_speedup_ci": table.last_pair["speedup_ci"],
-                             "measured_runs": table.last_pair["runs"]})
+                             "dense_ms": dense, "measured_ms": measured,
+                             "measured_speedup_ci": table.last_pair["speedup_ci"],
+                             "measured_runs": table.last_pair["runs"], "exchange": fill})
             log.info(f"latency attempt {attempt + 1}: layer budget {ratio:.3f}, measured {measured:.3f} ms "
                      f"(target {target:.3f} ms)")
             error = abs(measured / target - 1)
