@@ -142,6 +142,12 @@ def test_latency_correction_brackets_a_steep_response():
     # a non-monotone pair (noise) falls back to the midpoint; results stay in (0, 1)
     assert next_layer_budget([(0.5, 0.6), (0.6, 0.4)], 0.5) == pytest.approx(0.55)
     assert next_layer_budget([(0.9, 0.2)], 0.5) == 0.99 and next_layer_budget([(0.02, 0.9)], 0.1) >= 0.01
+    # one plan reached from two budgets measures alike: the bracket narrows from the budget nearer the
+    # other side (from the first, SiLU-net at 0.5 re-planned budget 0.475 twelve times)
+    same = [(0.5, 0.556), (0.4499, 0.445), (0.4749, 0.445)]
+    nxt = next_layer_budget(same, 0.5)
+    assert 0.4749 < nxt < 0.5 and nxt == pytest.approx(0.4749 + 0.055 * 0.0251 / 0.111)
+    assert next_layer_budget([(0.4, 0.4), (0.5, 0.6), (0.46, 0.6)], 0.5) == pytest.approx(0.43)  # from 0.46
     measured = [(0.5, 0.385), (0.5383, 0.43), (0.573, 0.455), (0.6264, 0.547), (0.6487, 0.603)]
 
     def response(b):
