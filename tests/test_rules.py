@@ -966,13 +966,122 @@ def test_unsqueeze_before_channel_axis():
     assert tr.state.infos["u"].axis == 2 and tr.state.infos["s"].axis == 1
 
 
-def test_channel_shuffle_freezes():
-    nodes, inits = chain(stem(), ([node("Reshape", ["h", "s1"], ["r1"]), node("Transpose", ["r1"], ["t"], perm=[0, 2, 1, 3, 4]),
-                                   node("Reshape", ["t", "s2"], ["r2"])],
-                                  [ints("s1", [-1, 2, 4, 8, 8]), ints("s2", [-1, 8, 8, 8])]), head("r2", 8))
-    tr = traced(make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits))
-    assert_frozen(tr, "h", "Reshape")
-    assert "Reshape" in " ".join(group_of(tr, "h").frozen)
+def _two_branches(c=4):
+    """Two convs of c channels each, concatenated: ShuffleNetV2's unit output before its shuffle."""
+    a, ia = stem("a", c)
+    b, ib = stem("b", c)
+    return a + b + [node("Concat", ["a", "b"], ["cat"], axis=1)], ia + ib
+
+
+def _shuffle_masks(tr, kept, c=4):
+    """Position q of both branches goes together (the shuffle stays a shuffle)."""
+    ka, kb = kept_of(tr, kept, "a"), kept_of(tr, kept, "b")
+    assert np.array_equal(ka, kb), (ka, kb)
+    return int(ka.sum())
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.25])
+def test_channel_shuffle_with_constant_shapes(keep):
+    """x.view(N, 2, C/2, H, W).transpose(1, 2).reshape(N, C, H, W) with constant shapes (the dynamo
+    exporter, tf2onnx): prunable; channel q of both concatenated branches goes together; the split's
+    C/2 and the merge's C are rewritten."""
+    nodes, inits = chain(_two_branches(), ([node("Reshape", ["cat", "s1"], ["r1"]),
+                                            node("Transpose", ["r1"], ["t"], perm=[0, 2, 1, 3, 4]),
+                                            node("Reshape", ["t", "s2"], ["r2"])],
+                                           [ints("s1", [-1, 2, 4, 8, 8]), ints("s2", [-1, 8, 8, 8])]), head("r2", 8))
+    m = make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits)
+    tr, pruned, kept = prune(m, keep=keep)
+    assert_prunable(tr, "a", 4)
+    q = _shuffle_masks(tr, kept)
+    assert 0 < q < 4
+    shapes = {i.name: numpy_helper.to_array(i).tolist() for i in pruned.graph.initializer}
+    assert shapes[pnode(pruned, "r1").input[1]] == [-1, 2, q, 8, 8]
+    assert shapes[pnode(pruned, "r2").input[1]][1] == 2 * q
+
+
+def test_channel_shuffle_with_shapes_computed_at_run_time():
+    """The TorchScript exporter with a dynamic batch: the split's C/2 is Div(Shape(x)[1], 2), the
+    merge's C is Shape(x)[1], and torch.chunk's Slice bounds after it are ((C + 1) / 2) * k. All
+    follow the pruned width at run time or become constants; parity at every batch size."""
+    def dim(t, k, out):
+        return [node("Shape", [t], [out + "_s"]), node("Gather", [out + "_s", out + "_i"], [out + "_g"], axis=0),
+                node("Unsqueeze", [out + "_g", "ax0"], [out])], [ints(out + "_i", k)]
+
+    parts = [_two_branches(), dim("cat", 0, "d0"), dim("cat", 2, "d2"), dim("cat", 3, "d3"), dim("cat", 1, "d1"),
+             ([node("Shape", ["cat"], ["cs"]), node("Gather", ["cs", "one"], ["cg"], axis=0),
+               node("Div", ["cg", "two"], ["half"]), node("Cast", ["half"], ["half_c"], to=7),
+               node("Unsqueeze", ["half_c", "ax0"], ["q"]),
+               node("Concat", ["d0", "two1", "q", "d2", "d3"], ["s1"], axis=0),
+               node("Concat", ["d0", "d1", "d2", "d3"], ["s2"], axis=0),
+               node("Reshape", ["cat", "s1"], ["r1"]), node("Transpose", ["r1"], ["t"], perm=[0, 2, 1, 3, 4]),
+               node("Reshape", ["t", "s2"], ["r2"]),
+               # torch.chunk(r2, 2, dim=1): Slice bounds ((C + 1) / 2) * k read off r2's shape
+               node("Shape", ["r2"], ["rs"]), node("Gather", ["rs", "one1"], ["rc"], axis=0),
+               node("Add", ["rc", "one1"], ["rc1"]), node("Div", ["rc1", "two1"], ["rh"]),
+               node("Mul", ["rh", "one1"], ["e0"]), node("Mul", ["rh", "two1"], ["e1"]),
+               node("Slice", ["r2", "zero1", "e0", "one1"], ["x1"]), node("Slice", ["r2", "e0", "e1", "one1"], ["x2"]),
+               node("Add", ["x1", "x2"], ["sum"])],
+              [ints("ax0", [0]), ints("one", 1), ints("two", 2), ints("one1", [1]), ints("two1", [2]),
+               ints("zero1", [0])]),
+             head("sum", 4)]
+    nodes, inits = chain(*parts)
+    m = make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits)
+    tr, pruned, kept = prune(m, keep=0.5)
+    assert_prunable(tr, "a")
+    _shuffle_masks(tr, kept)
+
+
+def test_channel_shuffle_paddle_style_computed_shapes():
+    """paddle2onnx: the batch read through Shape -> Slice, the other entries constants written into
+    the shape Concat (the split's C/2 and the merge's C are rewritten in place)."""
+    nodes, inits = chain(_two_branches(), (
+        [node("Shape", ["cat"], ["sh"]), node("Slice", ["sh", "z", "o"], ["bs"]),
+         node("Concat", ["bs", "split_rest"], ["s1"], axis=0), node("Concat", ["bs", "merge_rest"], ["s2"], axis=0),
+         node("Reshape", ["cat", "s1"], ["r1"]), node("Transpose", ["r1"], ["t"], perm=[0, 2, 1, 3, 4]),
+         node("Reshape", ["t", "s2"], ["r2"])],
+        [ints("z", [0]), ints("o", [1]), ints("split_rest", [2, 4, 8, 8]), ints("merge_rest", [8, 8, 8])]),
+        head("r2", 8))
+    m = make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits, opset=11)
+    tr, pruned, kept = prune(m, keep=0.5)
+    q = _shuffle_masks(tr, kept)
+    shapes = {i.name: numpy_helper.to_array(i).tolist() for i in pruned.graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t).tolist() for n in pruned.graph.node
+              if n.op_type == "Constant"}
+    values = [v for v in list(shapes.values()) + list(consts.values()) if isinstance(v, list)]
+    assert [2, q, 8, 8] in values and [2 * q, 8, 8] in values, values
+
+
+def test_channel_shuffle_tf2onnx_nhwc():
+    """tf2onnx: channels last between Transposes; the shuffle splits the last axis into (2, C/2)."""
+    nodes, inits = chain(_two_branches(), (
+        [node("Transpose", ["cat"], ["nhwc"], perm=[0, 2, 3, 1]), node("Reshape", ["nhwc", "s1"], ["r1"]),
+         node("Transpose", ["r1"], ["t"], perm=[0, 1, 2, 4, 3]), node("Reshape", ["t", "s2"], ["r2"]),
+         node("Transpose", ["r2"], ["nchw"], perm=[0, 3, 1, 2])],
+        [ints("s1", [-1, 8, 8, 2, 4]), ints("s2", [-1, 8, 8, 8])]), head("nchw", 8))
+    m = make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits, opset=13)
+    tr, pruned, kept = prune(m, keep=0.5)
+    q = _shuffle_masks(tr, kept)
+    shapes = {i.name: numpy_helper.to_array(i).tolist() for i in pruned.graph.initializer}
+    assert shapes[pnode(pruned, "r1").input[1]] == [-1, 8, 8, 2, q]
+    assert shapes[pnode(pruned, "r2").input[1]] == [-1, 8, 8, 2 * q]
+
+
+def test_channel_split_that_is_not_a_shuffle():
+    """A split of the channel axis into (2, 4) that is not a shuffle: with H and W swapped in between,
+    each half stays whole (pruned in halves, as attention heads); merged back into another shape,
+    frozen."""
+    def model(perm, merge):
+        nodes, inits = chain(stem(), ([node("Reshape", ["h", "s1"], ["r1"]), node("Transpose", ["r1"], ["t"], perm=perm),
+                                       node("Reshape", ["t", "s2"], ["r2"])],
+                                      [ints("s1", [-1, 2, 4, 8, 8]), ints("s2", merge)]),
+                             head("r2", merge[1]))
+        return make_model(nodes, [X], [("y", ["N", 4, merge[2], 8])], inits)
+
+    tr, pruned, kept = prune(model([0, 1, 2, 4, 3], [-1, 8, 8, 8]))
+    assert group_of(tr, "h").channels_per_unit == 4
+    assert kept_of(tr, kept, "h").sum() == 4
+    tr = traced(model([0, 2, 1, 3, 4], [-1, 4, 16, 8]))
+    assert_frozen(tr, "h")
     assert not any(g.prunable for g in tr.groups)
 
 

@@ -17,6 +17,71 @@ def _int_list(st: TraceState, node, index: int, attr_name: str | None = None):
     return []
 
 
+def _static_ints(t, st: TraceState):
+    """The value of a small integer tensor computed from shapes (Shape -> Gather -> Add/Div/Mul ->
+    Unsqueeze/Concat, as the TorchScript exporter writes torch.chunk's bounds) when every size it
+    reads is static at every input size (a traced channel width, a number shape inference wrote),
+    else None. A list of ints."""
+    v = _static_entries(t, st, 0)
+    return None if v is None or any(x is None for x in v) else [int(x) for x in v]
+
+
+def _static_entries(t, st: TraceState, depth: int):
+    """_static_ints' walk: a list with None for an entry that is not static (a Shape's batch dim that
+    a Gather may never read), or None when the computation is not followed."""
+    c = st.const(t)
+    if c is not None:
+        return [int(x) for x in np.asarray(c).reshape(-1)]
+    if depth > 16 or t is None or not getattr(t, "inputs", None):
+        return None
+    node = t.inputs[0]
+    op = node.op
+
+    def sub(i):
+        return _static_entries(node.inputs[i], st, depth + 1)
+
+    if op == "Shape":
+        x = node.inputs[0]
+        r, sym, xi = st.rank(x), st.sym_shape(x), st.info(x)
+        if r is None:
+            return None
+        dims = []
+        for k in range(r):
+            if xi is not None and k == xi.axis:
+                dims.append(len(xi))  # a traced channel axis: its width, the same at every input size
+            elif sym is not None and k < len(sym) and isinstance(sym[k], int):
+                dims.append(sym[k])  # a number shape inference wrote (not a symbol bound to the input size)
+            else:
+                dims.append(None)
+        start, end = int(attr(node, "start", 0)), attr(node, "end", None)
+        return dims[slice(start, None if end is None else int(end))]
+    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape"):
+        return sub(0)
+    if op == "Concat":
+        parts = [sub(i) for i in range(len(node.inputs))]
+        return None if any(p is None for p in parts) else [x for p in parts for x in p]
+    if op == "Gather" and int(attr(node, "axis", 0)) == 0:
+        data, idx = sub(0), sub(1)
+        if data is None or idx is None or any(i is None or not -len(data) <= i < len(data) for i in idx):
+            return None
+        return [data[i] for i in idx]
+    if op in ("Add", "Sub", "Mul", "Div", "Max", "Min") and len(node.inputs) == 2:
+        x, y = sub(0), sub(1)
+        if x is None or y is None or len(x) != len(y) and 1 not in (len(x), len(y)):
+            return None
+        n = max(len(x), len(y))
+        out = []
+        for a, b in zip(x * (n // len(x)), y * (n // len(y))):
+            if a is None or b is None or op == "Div" and b == 0:
+                out.append(None)
+            elif op == "Div":  # integer division truncates toward zero
+                out.append((abs(a) // abs(b)) * (1 if (a >= 0) == (b > 0) else -1))
+            else:
+                out.append({"Add": a + b, "Sub": a - b, "Mul": a * b, "Max": max(a, b), "Min": min(a, b)}[op])
+        return out
+    return None
+
+
 class PassThroughRule(Rule):
     """Spatial ops: the channel axis (1) is untouched."""
 
@@ -157,6 +222,14 @@ class SliceRule(Rule):
         else:
             starts, ends = _int_list(st, node, 1), _int_list(st, node, 2)
             axes, steps = _int_list(st, node, 3), _int_list(st, node, 4)
+        computed = None
+        if st.opset >= 10 and (starts is None or ends is None) and axes is not None and steps is not None:
+            # bounds computed from static shapes (torch.chunk through the TorchScript exporter:
+            # (C + 1) // 2 * k): constant at every input size, so rewritten as constants
+            s_val, e_val = _static_ints(node.inputs[1], st), _static_ints(node.inputs[2], st)
+            if s_val is not None and e_val is not None and len(s_val) == len(e_val):
+                starts, ends = s_val, e_val
+                computed = (starts, ends)
         if r is None or starts is None or ends is None or axes is None or steps is None:
             return self.unknown(node, st, "Slice with non-constant bounds")
         axes = [norm_axis(a, r) for a in (axes or range(len(starts)))]
@@ -169,17 +242,21 @@ class SliceRule(Rule):
             return self.unknown(node, st, "strided Slice on the channel axis")
         sel = slice(*slice(starts[k], ends[k], 1).indices(len(xi)))
         st.set(node.outputs[0], xi.take(sel))
-        st.needs_rewrite(node, self, (k, sel.start, sel.stop))
+        st.needs_rewrite(node, self, (k, sel.start, sel.stop, computed))
 
     def rewrite(self, node, ctx, data) -> None:
-        k, a, b = data
+        k, a, b, computed = data
         ids = ctx.info(node.inputs[0]).ids
         new_a = ctx.kept_count(ids[:a])
         new_b = new_a + ctx.kept_count(ids[a:b])
         for index, value in ((1, new_a), (2, new_b)):
-            arr = np.array(np.asarray(node.inputs[index].values), dtype=np.int64).reshape(-1)
+            if computed is not None:  # the computed bounds become constants
+                arr, dtype = np.array(computed[index - 1], dtype=np.int64), np.int64
+            else:
+                arr = np.array(np.asarray(node.inputs[index].values), dtype=np.int64).reshape(-1)
+                dtype = node.inputs[index].values.dtype
             arr[k] = value
-            ctx.set_input(node, index, arr.astype(node.inputs[index].values.dtype))
+            ctx.set_input(node, index, arr.astype(dtype))
 
 
 class TransposeRule(Rule):
@@ -460,7 +537,8 @@ def _same_channels(st: TraceState, t, xi: ChannelInfo, axis: int) -> bool:
 
 class ReshapeRule(Rule):
     """Reshape/Flatten that keep channels whole: [N,C,H,W]->[N,C*H*W] (a channel becomes a block of
-    H*W features), [N,C,1,1]<->[N,C]. Splitting a channel axis (channel shuffle) freezes."""
+    H*W features), [N,C,1,1]<->[N,C]; a channel shuffle's split (``_shuffle_split``), attention's
+    head split (``_head_split``). Any other split of a channel axis freezes."""
 
     ops = ("Reshape", "Flatten")
 
@@ -494,7 +572,9 @@ class ReshapeRule(Rule):
                 return
             if node.inputs[0].name in st.folded:
                 return self.unknown(node, st, "Reshape of channels folded into the batch axis")
-            split = _head_split(node, st, xi)
+            split = _shuffle_split(node, st, xi)
+            if split is None:
+                split = _head_split(node, st, xi)
             if isinstance(split, str):
                 return self.unknown(node, st, split)
             if split is not None:
@@ -509,7 +589,7 @@ class ReshapeRule(Rule):
             # a computed target shape: keep it, rewrite only its channel entry (dims unknown
             # symbolically are compared at the model's input size)
             mc = m or _flatten_map(xi, st.cost_shape(node.inputs[0]), st.cost_shape(node.outputs[0]))
-            where = None if mc is None else _computed_entry(node, st, mc[0], len(xi) * mc[1])
+            where = None if mc is None else _computed_entry(node, st, mc[0], len(xi) * mc[1], np.repeat(xi.ids, mc[1]))
             if where is not None:
                 axis, rep = mc
                 st.set(node.outputs[0], ChannelInfo(axis, np.repeat(xi.ids, rep), np.repeat(xi.vals, rep)))
@@ -580,11 +660,12 @@ def _runtime_size(st: TraceState, e) -> bool:
     return e is not None and e[0] == "dim" and not _reads_channels(st, e)
 
 
-def _computed_entry(node, st: TraceState, k: int, width: int):
+def _computed_entry(node, st: TraceState, k: int, width: int, ids=None):
     """For a Reshape whose target shape is computed: where its entry k (the channel axis, ``width``
-    wide) is written, "free" when it is -1 (it follows the pruned width at run time), or None when
-    the shape cannot be kept (another entry that is neither read off the input at run time nor a
-    constant that stays valid)."""
+    wide) is written, "free" when it is -1 or read at run time off a tensor whose channels are the
+    same units as the output's (``ids``; a channel shuffle's merge reads the width of the tensor
+    before the split): either way it follows the pruned width. None when the shape cannot be kept
+    (another entry that is neither read off the input at run time nor a constant that stays valid)."""
     elements = _shape_elements(node.inputs[1], st, host=(node.name, 1))
     shp_out = st.cost_shape(node.outputs[0])
     if elements is None or shp_out is None or len(elements) != len(shp_out) or _literal_zero(node, elements):
@@ -597,6 +678,11 @@ def _computed_entry(node, st: TraceState, k: int, width: int):
     e = elements[k]
     if e is not None and e[0] == "const" and e[1] == -1:
         return "free"
+    if ids is not None and e is not None and e[0] == "dim" and _reads_channels(st, e):
+        src = st.info(e[1])
+        roots = [sorted(st.uf.find(int(i)) for i in x) for x in (src.ids, ids)]
+        if len(src.ids) == width and roots[0] == roots[1]:
+            return "free"
     if e is not None and e[0] == "const" and e[1] == width and e[2] is not None:
         return e[2]
     return None
@@ -773,6 +859,94 @@ def _head_split(node, st: TraceState, xi: ChannelInfo):
         block = ids[:, h, :].reshape(-1)
         st.union(np.full(len(block) - 1, block[0]), block[1:])
     return a + k - 1, ids[0, :, 0].copy(), where
+
+
+def _shuffle_split(node, st: TraceState, xi: ChannelInfo):
+    """A channel shuffle (ShuffleNet; PyTorch, paddle2onnx and tf2onnx all emit it so): a Reshape
+    that splits the channel axis a into (P, Q), a Transpose that swaps axes a and a+1 and nothing
+    else, and a Reshape that merges them back. Channel p*Q + q of the input becomes channel q*P + p
+    of the output, so a pruned shuffle stays a shuffle when position q goes from all P parts at once:
+    those P channels become one unit, and the split's channel axis is the Q axis (one id per
+    position), which the Transpose moves to a and the merging Reshape repeats P times
+    (``_flatten_map``). Returns (axis, ids, where the width Q is written or None when it follows the
+    pruned width at run time), None when this is not a shuffle, or a reason string to freeze."""
+    a = xi.axis
+    after = node.outputs[0].outputs
+    if len(after) != 1 or after[0].op != "Transpose":
+        return None
+    transpose = after[0]
+    shp_in, shp_out = st.cost_shape(node.inputs[0]), st.cost_shape(node.outputs[0])
+    if not shp_in or not shp_out or None in shp_in or None in shp_out or len(shp_out) != len(shp_in) + 1:
+        return None
+    if list(shp_out[:a]) != list(shp_in[:a]) or list(shp_out[a + 2:]) != list(shp_in[a + 1:]):
+        return None
+    P, Q = shp_out[a], shp_out[a + 1]
+    if P * Q != len(xi) or P < 2:
+        return None
+    perm = attr(transpose, "perm", None)
+    swap = list(range(len(shp_out)))
+    swap[a], swap[a + 1] = a + 1, a
+    if perm is None or list(perm) != swap:
+        return None
+    merge = transpose.outputs[0].outputs
+    if len(merge) != 1 or merge[0].op != "Reshape" or st.cost_shape(merge[0].outputs[0]) != list(shp_in):
+        return None
+    elements = _shape_elements(node.inputs[1], st, host=(node.name, 1))
+    if elements is None or len(elements) != len(shp_out) or _literal_zero(node, elements):
+        return "channel shuffle with a split shape it cannot follow"
+    p_el, q_el = elements[a], elements[a + 1]
+    if p_el is None or p_el[0] != "const" or p_el[1] != P:
+        return "channel shuffle without a constant group count"
+    for i, e in enumerate(elements):  # every other entry must stay valid when C shrinks
+        if i in (a, a + 1):
+            continue
+        if e is None or e[0] not in ("const", "dim") or e[0] == "const" and e[1] not in (shp_out[i], 0, -1) \
+                or e[0] == "dim" and _reads_channels(st, e):
+            return "channel shuffle with another computed dimension"
+    if q_el is not None and q_el[0] == "const" and q_el[1] == -1:
+        where = None
+    elif q_el is not None and q_el[0] == "const" and q_el[1] == Q and q_el[2] is not None:
+        where = q_el[2]
+    elif q_el is None and _channels_over(node, a + 1, st, xi, P):
+        where = None  # C // P read off the input at run time (the TorchScript exporter): follows pruning
+    else:
+        return "channel shuffle with a group width it cannot rewrite"
+    ids = xi.ids.reshape(P, Q)
+    for p in range(1, P):
+        st.union(ids[0], ids[p])
+    return a + 1, ids[0].copy(), None if where is None else where
+
+
+def _channels_over(node, k: int, st: TraceState, xi: ChannelInfo, P: int) -> bool:
+    """Is entry k of the Reshape's computed shape (a Concat of one-entry pieces) the input's channel
+    count divided by P at run time: Div(Shape(x)[a], P) through Cast/Unsqueeze/Identity?"""
+    shape = node.inputs[1]
+    cat = shape.inputs[0] if getattr(shape, "inputs", None) else None
+    if cat is None or cat.op != "Concat" or int(attr(cat, "axis", 0)) != 0:
+        return False
+    at = 0
+    for t in cat.inputs:
+        el = _shape_elements(t, st)
+        if el is None:
+            return False
+        if at == k and len(el) == 1:
+            break
+        at += len(el)
+    else:
+        return False
+    while getattr(t, "inputs", None) and t.inputs[0].op in ("Cast", "Unsqueeze", "Identity", "Floor"):
+        t = t.inputs[0].inputs[0]
+    div = t.inputs[0] if getattr(t, "inputs", None) else None
+    if div is None or div.op != "Div" or len(div.inputs) != 2:
+        return False
+    d = st.const(div.inputs[1])
+    if d is None or np.asarray(d).size != 1 or int(np.asarray(d).reshape(-1)[0]) != P:
+        return False
+    num = _shape_elements(div.inputs[0], st)
+    if num is None or len(num) != 1 or num[0] is None or num[0][0] != "dim" or num[0][2] != xi.axis:
+        return False
+    src = num[0][1]
+    return src is node.inputs[0] or _same_channels(st, src, xi, xi.axis)
 
 
 def _copies_prefix(node, st: TraceState, xi: ChannelInfo) -> bool:
