@@ -239,7 +239,7 @@ def _make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, late
         kind = {"flops": "macs", "params": "params", "latency": "latency"}.get(budget.kind)
         target = budget.ratio * before[kind] if kind else None
         snapped, snap_info = _snap(trace, scores, removed, cm, budget, kind, target if met else None, latency_table,
-                                   blocks)
+                                   blocks, fill)
     if own_table is not None:
         own_table.save()
     plan = Plan({g: np.array(sorted(v), dtype=np.int64) for g, v in removed.items() if v},
@@ -419,7 +419,7 @@ def _frozen_share(trace: Trace, cm: CostModel, kind: str) -> float:
 
 
 def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: Budget, kind: str | None,
-          target: float | None, table=None, blocks: dict | None = None) -> tuple[list[dict], dict]:
+          target: float | None, table=None, blocks: dict | None = None, fill: bool = False) -> tuple[list[dict], dict]:
     """``--round-to auto``: snap every pruned group's kept width to the fastest width not above the
     planned one, read from the measured latency staircase of the layers the group feeds and is fed
     by (a few candidate widths per layer axis, see graphprune.latency), then spend what snapping
@@ -516,6 +516,9 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
         cm.restore(trace.groups[gid].units[block])
         del removed[gid][len(removed[gid]) - len(block):]
         refills += 1
+    exchanges = 0
+    if fill and kind == "latency" and target is not None:
+        exchanges = _exchange_steps(trace, scores, removed, cm, states, orders, kind, target)
     out = []
     for gid, st in states.items():
         g = trace.groups[gid]
@@ -527,10 +530,126 @@ def _snap(trace, scores, removed: dict[int, list[int]], cm: CostModel, budget: B
     info = {"provider": table.provider, "device": table.device, "batch": table.batch, "threads": table.threads,
             "precision": table.precision, "cache": str(table.cache_path),
             "layer_axes_measured": table.measured - measured0, "measure_seconds": round(table.seconds - seconds0, 3),
-            "seconds": round(time.perf_counter() - t0, 3), "refill_steps": refills,
+            "seconds": round(time.perf_counter() - t0, 3), "refill_steps": refills, "exchange_steps": exchanges,
             "channel_block": getattr(table, "channel_block", 1),
             "groups_in_blocks": sum(1 for st, _ in blocks.values() if st > 1), "groups_floored": len(blocks)}
     return out, info
+
+
+def _step_down(trace, scores, removed, cm: CostModel, states: dict, orders: dict, kind: str, target: float,
+               skip: int) -> list | None:
+    """Take whole steps down other groups' frontiers (lowest score per cost saved first, never group
+    ``skip``) until ``kind`` is at most ``target``. Returns the journal of steps taken ((group,
+    units, -1) each), or None when the target cannot be met so (the steps already taken stay: the
+    caller undoes them with ``_undo``)."""
+    journal = []
+    while cm.totals[kind] > target * (1 + 1e-9):
+        best, best_p = None, math.inf
+        for other, ost in states.items():
+            if other == skip:
+                continue
+            og = trace.groups[other]
+            ocpu = og.channels_per_unit
+            kept = og.size - len(removed[other])
+            downs = [f // ocpu for f in ost["frontier"] if ost["lowest"] <= f < kept * ocpu]
+            if not downs:
+                continue
+            n = len(removed[other])
+            step = orders[other][n:n + kept - max(downs)]
+            roots = og.units[step]
+            saving = -cm.delta(roots, kind)
+            if saving <= 0 or not cm.allowed(roots):
+                continue
+            p = float(np.sum(np.asarray(scores[other])[step])) / saving
+            if p < best_p:
+                best, best_p = (other, step), p
+        if best is None:
+            _undo(trace, removed, cm, journal)
+            return None
+        other, step = best
+        cm.remove(trace.groups[other].units[step])
+        removed[other].extend(step.tolist())
+        journal.append((other, step, -1))
+    return journal
+
+
+def _undo(trace, removed, cm: CostModel, journal: list) -> None:
+    """Undo (group, units, sign) steps, last first: +1 was a step up (units put back), -1 down."""
+    for jg, jb, sign in reversed(journal):
+        roots = trace.groups[jg].units[jb]
+        if sign > 0:
+            cm.remove(roots)
+            removed[jg].extend(jb.tolist())
+        else:
+            cm.restore(roots)
+            del removed[jg][len(removed[jg]) - len(jb):]
+    journal.clear()
+
+
+def _step_up(trace, removed, cm: CostModel, states: dict, gid: int):
+    """Put group gid back up to its next frontier width; (group, units, +1) or None at the top."""
+    g = trace.groups[gid]
+    cpu = g.channels_per_unit
+    kept = g.size - len(removed[gid])
+    ups = [f // cpu for f in states[gid]["frontier"] if f // cpu > kept]
+    n_rem = len(removed[gid])
+    if not ups or min(ups) - kept > n_rem:
+        return None
+    block = np.asarray(removed[gid][n_rem - (min(ups) - kept):], dtype=np.int64)
+    cm.restore(g.units[block])
+    del removed[gid][n_rem - len(block):]
+    return gid, block, +1
+
+
+def _exchange_steps(trace, scores, removed, cm: CostModel, states: dict, orders: dict, kind: str,
+                    target: float) -> int:
+    """``_exchange`` on snapped widths (fill=True, round_to "auto"): snapping to the measured
+    staircases and the refill's whole steps can leave a plan far under its target with nothing that
+    fits back (the sample zoo's SiLU-net in free widths: layer budgets 0.538 and 0.540 gave plans at
+    0.42 and 0.49 of the layers' time). One group a step up its frontier, others steps down until
+    the target holds; kept by the same rule as ``_exchange`` (within FILL_BAND under the target,
+    the lower removed score; else the closer), while one improves. Returns the exchanges kept."""
+    def key() -> tuple:
+        total = cm.totals[kind]
+        score = sum(float(np.sum(np.asarray(scores[g])[np.asarray(u, dtype=np.int64)])) for g, u in removed.items())
+        in_band = total >= (1 - FILL_BAND) * target
+        return (in_band, -score if in_band else total, total)
+
+    def better(k: tuple, base: tuple) -> bool:
+        if k[0] != base[0]:
+            return k[0]
+        return k[1] > base[1] + 1e-9 * max(abs(base[1]), 1e-12)
+
+    def attempt(gid: int):
+        up = _step_up(trace, removed, cm, states, gid)
+        if up is None:
+            return None
+        down = _step_down(trace, scores, removed, cm, states, orders, kind, target, gid)
+        if down is None:
+            _undo(trace, removed, cm, [up])
+            return None
+        return [up, *down]
+
+    kept = 0
+    for _ in range(EXCHANGE_ROUNDS):
+        base, best, best_key = key(), None, None
+        for gid in sorted(states):
+            journal = attempt(gid)
+            if journal is None:
+                continue
+            k = key()
+            _undo(trace, removed, cm, journal)
+            if better(k, base) and (best_key is None or k > best_key):
+                best, best_key = gid, k
+        if best is None:
+            break
+        journal = attempt(best)  # deterministic: the exchange found above
+        if journal is None or not better(key(), base):
+            if journal is not None:
+                _undo(trace, removed, cm, journal)
+            break
+        kept += 1
+    return kept
 
 
 def _lift_stuck(trace, scores, removed, cm: CostModel, states: dict, orders: dict, kind: str, target: float) -> None:
@@ -546,44 +665,6 @@ def _lift_stuck(trace, scores, removed, cm: CostModel, states: dict, orders: dic
         cpu = g.channels_per_unit
         if kept(gid) * cpu in st["frontier"] or st["snapped"] != st["planned"]:
             continue
-        ups = [f // cpu for f in st["frontier"] if f // cpu > kept(gid)]
-        if not ups:
-            continue
-        n_rem = len(removed[gid])
-        block = np.asarray(removed[gid][n_rem - (min(ups) - kept(gid)):], dtype=np.int64)
-        journal = [(gid, block, +1)]
-        cm.restore(g.units[block])
-        del removed[gid][n_rem - len(block):]
-        while cm.totals[kind] > target * (1 + 1e-9):
-            best, best_p = None, math.inf
-            for other, ost in states.items():
-                if other == gid:
-                    continue
-                og = trace.groups[other]
-                ocpu = og.channels_per_unit
-                downs = [f // ocpu for f in ost["frontier"] if ost["lowest"] <= f < kept(other) * ocpu]
-                if not downs:
-                    continue
-                n = len(removed[other])
-                step = orders[other][n:n + kept(other) - max(downs)]
-                roots = og.units[step]
-                saving = -cm.delta(roots, kind)
-                if saving <= 0 or not cm.allowed(roots):
-                    continue
-                p = float(np.sum(np.asarray(scores[other])[step])) / saving
-                if p < best_p:
-                    best, best_p = (other, step), p
-            if best is None:  # cannot pay for the lift: undo everything it did
-                for jg, jb, sign in reversed(journal):
-                    roots = trace.groups[jg].units[jb]
-                    if sign > 0:
-                        cm.remove(roots)
-                        removed[jg].extend(jb.tolist())
-                    else:
-                        cm.restore(roots)
-                        del removed[jg][len(removed[jg]) - len(jb):]
-                break
-            other, step = best
-            cm.remove(trace.groups[other].units[step])
-            removed[other].extend(step.tolist())
-            journal.append((other, step, -1))
+        up = _step_up(trace, removed, cm, states, gid)
+        if up is not None and _step_down(trace, scores, removed, cm, states, orders, kind, target, gid) is None:
+            _undo(trace, removed, cm, [up])  # cannot pay for the lift

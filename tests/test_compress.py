@@ -200,9 +200,10 @@ def test_keep_latency_exchanges_blocks_when_layer_budgets_repeat_a_plan(tmp_path
     """Coarse staircases (whole 16-channel blocks of 32-, 32- and 64-channel layers; timings from a
     deterministic block cost, end to end the same cost summed over the model's convs, so measured
     = predicted): at --keep-latency 0.65 the first plan runs at 0.585 of dense, the corrected layer
-    budget gives the same plan again, which is not measured twice; from then on plans exchange blocks
-    (planner._exchange) and land at 0.646 (within ±5%). Without exchanges the correction repeats that
-    one plan and never lands."""
+    budget gives the same plan again; from then on plans exchange blocks (planner._exchange and, on
+    the snapped widths, _exchange_steps: 0.708 at layer budget 0.72), and the correction lands at
+    0.646 (within ±2.5%). Without exchanges the correction repeats that one plan, measured once and
+    reused, and never lands."""
     import graphprune.latency as latency_mod
     from graphprune import PruneConfig, planner, prune
     from graphprune.planner import Budget
@@ -240,9 +241,10 @@ def test_keep_latency_exchanges_blocks_when_layer_budgets_repeat_a_plan(tmp_path
     assert not attempts[0]["exchange"] and all(a["exchange"] for a in attempts[1:]), attempts
     landed = lat["measured_ms"] / lat["target_ms"] - 1
     if exchange:  # the corrected budget repeated the first plan: re-planned with exchanges at once
-        assert len(attempts) == 2 and "same_plan_as_attempt" not in attempts[1], attempts
-        assert attempts[1]["measured_ms"] / attempts[1]["dense_ms"] == pytest.approx(0.646, abs=0.002)
-        assert abs(landed) <= 0.05 and report["budget_met"], (landed, attempts)
+        assert all("same_plan_as_attempt" not in a for a in attempts), attempts
+        assert attempts[1]["measured_ms"] / attempts[1]["dense_ms"] > 0.6  # no longer the first plan
+        assert attempts[-1]["measured_ms"] / attempts[-1]["dense_ms"] == pytest.approx(0.646, abs=0.002)
+        assert abs(landed) <= 0.025 and report["budget_met"], (landed, attempts)
     else:  # the one plan again and again: measured once, reused, never lands
         assert len(attempts) > 2 and all(a.get("same_plan_as_attempt") == 1 for a in attempts[1:]), attempts
         assert landed < -0.05, (landed, attempts)

@@ -355,3 +355,29 @@ def test_fill_exchanges_blocks_to_land_close_under_the_budget(tmp_path, seed, bu
             if best is None or key > best[0]:
                 best = (key, list(widths))
     assert _kept(tr, filled) == best[1], (_kept(tr, filled), best)
+
+
+@pytest.mark.parametrize("seed,budget", [(0, 0.5), (1, 0.6)])
+def test_fill_exchanges_staircase_steps_of_snapped_widths(tmp_path, seed, budget):
+    """Free widths snapped to measured staircases (no channel block): the snapping and the refill's
+    whole steps leave the plan at 0.471 / 0.569 of the layers' time for budgets 0.5 / 0.6; with fill,
+    one group goes a step up its staircase and others steps down, landing within FILL_BAND under
+    the budget. Every removal stays a prefix of the score order."""
+    tr = trace_of(chain((40, 24, 56), spatial=8))
+    scores = scores_for(tr, seed=seed)
+    table = StaircaseTable("cpu", 2, tmp_path / "lat.json", shapes=tr.input_shapes, channel_block=1)
+    b = Budget("latency", budget, round_to="auto", best_effort=True)
+    plain, filled = make_plan(tr, scores, b, latency_table=table), make_plan(tr, scores, b, table, fill=True)
+    r0, r1 = (p.after["latency"] / p.before["latency"] for p in (plain, filled))
+    assert plain.snap_info["exchange_steps"] == 0 and filled.snap_info["exchange_steps"] >= 1
+    assert r0 < (1 - planner.FILL_BAND) * budget <= r1 <= budget * (1 + 1e-9), (r0, r1)
+    assert filled.budget_met
+    cm = CostModel(tr)
+    cm.add_latency(table)
+    for g in tr.groups:
+        units = filled.removed.get(g.id, np.array([], dtype=np.int64))
+        order = np.argsort(scores[g.id], kind="stable") if g.id in scores else None
+        if len(units):
+            assert sorted(units.tolist()) == sorted(order[:len(units)].tolist())
+            cm.remove(g.units[units])
+    assert cm.totals["latency"] == pytest.approx(filled.after["latency"])  # the plan's cost is its widths' cost
