@@ -337,6 +337,20 @@ def _refill(trace, scores, taken, removed, cm: CostModel, kind: str, target: flo
         removed[best] = [u for u in removed[best] if u not in drop]
 
 
+def _fill_key(total: float, scores, removed: dict, target: float) -> tuple:
+    """How good a fill plan is (larger is better): within FILL_BAND under the target first, then the
+    lower removed score there, else the higher cost; the cost last."""
+    score = sum(float(np.sum(np.asarray(scores[g])[np.asarray(u, dtype=np.int64)])) for g, u in removed.items())
+    in_band = total >= (1 - FILL_BAND) * target
+    return (in_band, -score if in_band else total, total)
+
+
+def _fill_better(k: tuple, base: tuple) -> bool:
+    if k[0] != base[0]:
+        return k[0]
+    return k[1] > base[1] + 1e-9 * max(abs(base[1]), 1e-12)
+
+
 def _exchange(trace, scores, queues, taken, removed, cm: CostModel, kind: str, target: float, take) -> int:
     """Land a plan close under its target where the greedy pass and the refill leave it far below on
     coarse staircases. Neither ever swaps: at a latency budget between two reachable plans the greedy
@@ -376,15 +390,7 @@ def _exchange(trace, scores, queues, taken, removed, cm: CostModel, kind: str, t
         take(gid, block)
 
     def key() -> tuple:
-        total = cm.totals[kind]
-        score = sum(float(np.sum(np.asarray(scores[g])[b])) for g, bs in taken.items() for b in bs)
-        in_band = total >= (1 - FILL_BAND) * target
-        return (in_band, -score if in_band else total, total)
-
-    def better(k: tuple, base: tuple) -> bool:
-        if k[0] != base[0]:
-            return k[0]
-        return k[1] > base[1] + 1e-9 * max(abs(base[1]), 1e-12)
+        return _fill_key(cm.totals[kind], scores, removed, target)
 
     kept = 0
     for _ in range(EXCHANGE_ROUNDS):
@@ -393,12 +399,12 @@ def _exchange(trace, scores, queues, taken, removed, cm: CostModel, kind: str, t
             met, entry = attempt(gid)
             k = key()
             undo(entry)
-            if met and k[2] <= target * (1 + 1e-9) and better(k, base) and (best_key is None or k > best_key):
+            if met and k[2] <= target * (1 + 1e-9) and _fill_better(k, base) and (best_key is None or k > best_key):
                 best, best_key = gid, k
         if best is None:
             break
         met, entry = attempt(best)  # deterministic: the exchange found above
-        if not met or not better(key(), base):
+        if not met or not _fill_better(key(), base):
             undo(entry)
             break
         kept += 1
@@ -610,15 +616,7 @@ def _exchange_steps(trace, scores, removed, cm: CostModel, states: dict, orders:
     the target holds; kept by the same rule as ``_exchange`` (within FILL_BAND under the target,
     the lower removed score; else the closer), while one improves. Returns the exchanges kept."""
     def key() -> tuple:
-        total = cm.totals[kind]
-        score = sum(float(np.sum(np.asarray(scores[g])[np.asarray(u, dtype=np.int64)])) for g, u in removed.items())
-        in_band = total >= (1 - FILL_BAND) * target
-        return (in_band, -score if in_band else total, total)
-
-    def better(k: tuple, base: tuple) -> bool:
-        if k[0] != base[0]:
-            return k[0]
-        return k[1] > base[1] + 1e-9 * max(abs(base[1]), 1e-12)
+        return _fill_key(cm.totals[kind], scores, removed, target)
 
     def attempt(gid: int):
         up = _step_up(trace, removed, cm, states, gid)
@@ -639,12 +637,12 @@ def _exchange_steps(trace, scores, removed, cm: CostModel, states: dict, orders:
                 continue
             k = key()
             _undo(trace, removed, cm, journal)
-            if better(k, base) and (best_key is None or k > best_key):
+            if _fill_better(k, base) and (best_key is None or k > best_key):
                 best, best_key = gid, k
         if best is None:
             break
         journal = attempt(best)  # deterministic: the exchange found above
-        if journal is None or not better(key(), base):
+        if journal is None or not _fill_better(key(), base):
             if journal is not None:
                 _undo(trace, removed, cm, journal)
             break
