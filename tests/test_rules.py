@@ -1226,3 +1226,23 @@ def test_grouped_conv_couples_concatenated_branches():
     np.testing.assert_array_equal(kept_of(tr, kept, "a"), kept_of(tr, kept, "b"))
     assert pattr(pruned, "z", "group") == 2
     assert pinput(pruned, "z", 1).shape == (4, 2, 1, 1)
+
+
+def test_slice_of_another_axis_bounded_by_the_channel_count():
+    """x[:, :, :C] with C read at run time off a tensor whose channel count shape inference cannot
+    see (behind a Reshape to a computed shape): the bound becomes the original constant, so the
+    spatial slice does not shrink with the channels."""
+    nodes, inits = chain(stem(c=6), ([node("Shape", ["h"], ["hs"]), node("Slice", ["hs", "zero", "one"], ["b"]),
+                                      node("Slice", ["hs", "two", "four"], ["hw"]),
+                                      node("Concat", ["b", "minus1", "hw"], ["tgt"], axis=0),
+                                      node("Reshape", ["h", "tgt"], ["h2"]),
+                                      node("Shape", ["h2"], ["sh"]), node("Gather", ["sh", "i1"], ["c"], axis=0),
+                                      node("Unsqueeze", ["c", "ax0"], ["end"]),
+                                      node("Slice", ["h2", "zero", "end", "two"], ["s"])],
+                                     [ints("i1", 1), ints("ax0", [0]), ints("zero", [0]), ints("one", [1]),
+                                      ints("two", [2]), ints("four", [4]), ints("minus1", [-1])]),
+                         head("s", 6))
+    m = make_model(nodes, [X], [("y", ["N", 4, 6, 8])], inits)
+    tr, pruned, kept = prune(m)
+    assert_prunable(tr, "h")
+    assert any(n.op_type == "Slice" for n in pruned.graph.node)

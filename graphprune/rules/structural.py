@@ -236,6 +236,8 @@ class SliceRule(Rule):
         steps = steps or [1] * len(starts)
         if xi.axis not in axes:
             st.set(node.outputs[0], xi)
+            if computed is not None:  # they may read a channel count: keep the original values
+                st.needs_rewrite(node, self, (None, 0, 0, computed))
             return
         k = axes.index(xi.axis)
         if steps[k] != 1:
@@ -246,6 +248,10 @@ class SliceRule(Rule):
 
     def rewrite(self, node, ctx, data) -> None:
         k, a, b, computed = data
+        if k is None:  # computed bounds on other axes, as constants
+            for index in (1, 2):
+                ctx.set_input(node, index, np.array(computed[index - 1], dtype=np.int64))
+            return
         ids = ctx.info(node.inputs[0]).ids
         new_a = ctx.kept_count(ids[:a])
         new_b = new_a + ctx.kept_count(ids[a:b])
