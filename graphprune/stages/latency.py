@@ -147,9 +147,10 @@ class LatencyRound:
         if not met:
             layers = attempts[0]["layers_ms_before"]
             msg = (f"--keep-latency {budget.ratio:g}: best measured {measured:.3f} ms for a target of "
-                   f"{target:.3f} ms ({measured / dense:.2f} of dense); the prunable layers, timed one by one, "
-                   f"take {layers:.3f} of the dense {dense:.3f} ms, and the rest (per-op overhead, layers no "
-                   f"plan narrows) no width removes")
+                   f"{target:.3f} ms ({measured / dense:.2f} of dense); the prunable layers, timed one by one "
+                   f"(each with its own call overhead), sum to {layers:.3f} ms against the dense model's "
+                   f"{dense:.3f} ms end to end, and the rest (per-op overhead, layers no plan narrows) no width "
+                   f"removes")
             if not budget.best_effort:
                 raise UserError(msg + "; use --best-effort to accept it")
             res.plan.notes.append(msg)
