@@ -139,7 +139,8 @@ def make_plan(trace: Trace, scores: dict[int, np.ndarray], budget: Budget, laten
     ``channel_floor`` False: free widths from the start (--keep-latency, once one attempt needed them,
     stays with them: the two kinds of plan respond differently to the layer budget).
     ``fill`` (latency budgets): after the greedy pass, exchange removed blocks for blocks of other
-    groups while that brings the plan's latency closer under the budget (``_exchange``)."""
+    groups while that brings the plan's latency closer under the budget (``_exchange``), and with
+    round_to "auto" whole staircase steps again after snapping (``_exchange_steps``)."""
     if budget.round_to != "auto" or budget.kind in ("lossless", "channels"):
         return _make_plan(trace, scores, budget, latency_table, True, fill)
     own_table = None
@@ -351,6 +352,33 @@ def _fill_better(k: tuple, base: tuple) -> bool:
     return k[1] > base[1] + 1e-9 * max(abs(base[1]), 1e-12)
 
 
+def _exchange_rounds(candidates, attempt, undo, key) -> int:
+    """The loop both exchange passes share: each round applies every candidate's exchange
+    (``attempt`` returns what ``undo`` takes, or None when it applied nothing), measures it with
+    ``key``, undoes it, then applies the best one if it beats the plan (``_fill_better``); rounds
+    end when none does or after EXCHANGE_ROUNDS. Returns the exchanges kept."""
+    kept = 0
+    for _ in range(EXCHANGE_ROUNDS):
+        base, best, best_key = key(), None, None
+        for c in candidates():
+            entry = attempt(c)
+            if entry is None:
+                continue
+            k = key()
+            undo(entry)
+            if _fill_better(k, base) and (best_key is None or k > best_key):
+                best, best_key = c, k
+        if best is None:
+            break
+        entry = attempt(best)  # deterministic: the exchange found above
+        if entry is None or not _fill_better(key(), base):
+            if entry is not None:
+                undo(entry)
+            break
+        kept += 1
+    return kept
+
+
 def _exchange(trace, scores, queues, taken, removed, cm: CostModel, kind: str, target: float, take) -> int:
     """Land a plan close under its target where the greedy pass and the refill leave it far below on
     coarse staircases. Neither ever swaps: at a latency budget between two reachable plans the greedy
@@ -364,7 +392,8 @@ def _exchange(trace, scores, queues, taken, removed, cm: CostModel, kind: str, t
     removed score wins (outside it, the higher cost). Every group's removal stays a prefix of its
     queue. Returns the number of exchanges kept."""
     def attempt(gid: int):
-        """Apply gid's exchange; (met, journal) where journal undoes it."""
+        """Apply gid's exchange; the entry that undoes it, or None (nothing applied) when the other
+        groups cannot pay for the block put back."""
         block = taken[gid].pop()
         cm.restore(trace.groups[gid].units[block])
         drop = set(block.tolist())
@@ -379,7 +408,11 @@ def _exchange(trace, scores, queues, taken, removed, cm: CostModel, kind: str, t
 
         at = {g: len(taken.get(g, ())) for g in queues}
         met = _greedy(trace, scores, queues, cm, kind, target, take_logged, start=at, exclude={gid})
-        return met, (gid, block, journal)
+        entry = (gid, block, journal)
+        if not met:
+            undo(entry)
+            return None
+        return entry
 
     def undo(entry) -> None:
         gid, block, journal = entry
@@ -389,26 +422,8 @@ def _exchange(trace, scores, queues, taken, removed, cm: CostModel, kind: str, t
             del removed[g][len(removed[g]) - len(b):]
         take(gid, block)
 
-    def key() -> tuple:
-        return _fill_key(cm.totals[kind], scores, removed, target)
-
-    kept = 0
-    for _ in range(EXCHANGE_ROUNDS):
-        base, best, best_key = key(), None, None
-        for gid in sorted(g for g, bs in taken.items() if bs):
-            met, entry = attempt(gid)
-            k = key()
-            undo(entry)
-            if met and k[2] <= target * (1 + 1e-9) and _fill_better(k, base) and (best_key is None or k > best_key):
-                best, best_key = gid, k
-        if best is None:
-            break
-        met, entry = attempt(best)  # deterministic: the exchange found above
-        if not met or not _fill_better(key(), base):
-            undo(entry)
-            break
-        kept += 1
-    return kept
+    return _exchange_rounds(lambda: sorted(g for g, bs in taken.items() if bs), attempt, undo,
+                            lambda: _fill_key(cm.totals[kind], scores, removed, target))
 
 
 def _frozen_share(trace: Trace, cm: CostModel, kind: str) -> float:
@@ -615,9 +630,6 @@ def _exchange_steps(trace, scores, removed, cm: CostModel, states: dict, orders:
     0.42 and 0.49 of the layers' time). One group a step up its frontier, others steps down until
     the target holds; kept by the same rule as ``_exchange`` (within FILL_BAND under the target,
     the lower removed score; else the closer), while one improves. Returns the exchanges kept."""
-    def key() -> tuple:
-        return _fill_key(cm.totals[kind], scores, removed, target)
-
     def attempt(gid: int):
         up = _step_up(trace, removed, cm, states, gid)
         if up is None:
@@ -628,26 +640,8 @@ def _exchange_steps(trace, scores, removed, cm: CostModel, states: dict, orders:
             return None
         return [up, *down]
 
-    kept = 0
-    for _ in range(EXCHANGE_ROUNDS):
-        base, best, best_key = key(), None, None
-        for gid in sorted(states):
-            journal = attempt(gid)
-            if journal is None:
-                continue
-            k = key()
-            _undo(trace, removed, cm, journal)
-            if _fill_better(k, base) and (best_key is None or k > best_key):
-                best, best_key = gid, k
-        if best is None:
-            break
-        journal = attempt(best)  # deterministic: the exchange found above
-        if journal is None or not _fill_better(key(), base):
-            if journal is not None:
-                _undo(trace, removed, cm, journal)
-            break
-        kept += 1
-    return kept
+    return _exchange_rounds(lambda: sorted(states), attempt, lambda journal: _undo(trace, removed, cm, journal),
+                            lambda: _fill_key(cm.totals[kind], scores, removed, target))
 
 
 def _lift_stuck(trace, scores, removed, cm: CostModel, states: dict, orders: dict, kind: str, target: float) -> None:

@@ -920,7 +920,7 @@ def _shuffle_split(node, st: TraceState, xi: ChannelInfo):
     ids = xi.ids.reshape(P, Q)
     for p in range(1, P):
         st.union(ids[0], ids[p])
-    return a + 1, ids[0].copy(), None if where is None else where
+    return a + 1, ids[0].copy(), where
 
 
 def _channels_over(node, k: int, st: TraceState, xi: ChannelInfo, P: int) -> bool:
