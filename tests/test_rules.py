@@ -1246,3 +1246,27 @@ def test_slice_of_another_axis_bounded_by_the_channel_count():
     tr, pruned, kept = prune(m)
     assert_prunable(tr, "h")
     assert any(n.op_type == "Slice" for n in pruned.graph.node)
+
+
+def test_reshape_entry_that_multiplies_a_channel_count():
+    """A computed Reshape target whose other entry is the pruned channel count times a constant
+    (Shape(h)[1:2] * 8, H*W here): left computed, that entry would shrink with the pruned width and
+    the -1 on the channel axis would absorb it ((N, 8, 32) for (N, 4, 64)), and the Softmax over
+    the last axis would mix the wrong values. The shape is rewritten as a template instead (the
+    masked original's 64 kept); parity at two batch sizes."""
+    def dim(t, k, out):
+        return [node("Shape", [t], [out + "_s"]), node("Gather", [out + "_s", out + "_i"], [out + "_g"], axis=0),
+                node("Unsqueeze", [out + "_g", "ax0"], [out])], [ints(out + "_i", k)]
+
+    parts = [stem(), dim("h", 0, "d0"),
+             ([node("Shape", ["h"], ["d1"], start=1, end=2), node("Mul", ["d1", "eight"], ["c8"]),
+               node("Concat", ["d0", "m1", "c8"], ["s1"], axis=0), node("Reshape", ["h", "s1"], ["r1"]),
+               node("Softmax", ["r1"], ["sm"], axis=2),
+               node("Concat", ["d0", "m1", "eight", "eight"], ["s2"], axis=0), node("Reshape", ["sm", "s2"], ["r2"])],
+              [ints("ax0", [0]), ints("eight", [8]), ints("m1", [-1])]),
+             head("r2", 8)]
+    nodes, inits = chain(*parts)
+    m = make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits)
+    tr, pruned, kept = prune(m, keep=0.5)
+    assert_prunable(tr, "h", 8)
+    assert pshape(pruned, "r1")[1:] == [4, 64]

@@ -679,8 +679,8 @@ def _computed_entry(node, st: TraceState, k: int, width: int, ids=None):
     for i, e in enumerate(elements):
         if i == k:
             continue
-        if e is None or e[0] == "const" and e[1] != shp_out[i] or e[0] == "dim" and _reads_channels(st, e):
-            return None
+        if e is None or e[0] == "const" and e[1] != shp_out[i] or e[0] != "const" and not _runtime_size(st, e):
+            return None  # (a run-time size, or one times a constant, must not read a pruned channel count)
     e = elements[k]
     if e is not None and e[0] == "const" and e[1] == -1:
         return "free"
