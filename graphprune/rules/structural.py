@@ -666,6 +666,15 @@ def _runtime_size(st: TraceState, e) -> bool:
     return e is not None and e[0] == "dim" and not _reads_channels(st, e)
 
 
+def _stays_valid(st: TraceState, e, values) -> bool:
+    """Does a computed shape's entry keep meaning the same size when channels shrink: a constant
+    among ``values``, or a size read at run time (alone or times a constant) off an axis whose size
+    pruning does not change?"""
+    if e is None:
+        return False
+    return e[1] in values if e[0] == "const" else _runtime_size(st, e)
+
+
 def _computed_entry(node, st: TraceState, k: int, width: int, ids=None):
     """For a Reshape whose target shape is computed: where its entry k (the channel axis, ``width``
     wide) is written, "free" when it is -1 or read at run time off a tensor whose channels are the
@@ -679,8 +688,8 @@ def _computed_entry(node, st: TraceState, k: int, width: int, ids=None):
     for i, e in enumerate(elements):
         if i == k:
             continue
-        if e is None or e[0] == "const" and e[1] != shp_out[i] or e[0] != "const" and not _runtime_size(st, e):
-            return None  # (a run-time size, or one times a constant, must not read a pruned channel count)
+        if not _stays_valid(st, e, (shp_out[i],)):
+            return None
     e = elements[k]
     if e is not None and e[0] == "const" and e[1] == -1:
         return "free"
@@ -832,8 +841,7 @@ def _head_split(node, st: TraceState, xi: ChannelInfo):
         if h_el is None or h_el[0] != "const" or h_el[1] != 3:
             return "Reshape splits the channel axis into parts it cannot follow"
         for i, e in enumerate(elements):
-            if i not in (a, a + 1) and (e is None or e[0] == "const" and e[1] not in (shp_out[i], 0, -1)
-                                        or e[0] == "dim" and _reads_channels(st, e)):
+            if i not in (a, a + 1) and not _stays_valid(st, e, (shp_out[i], 0, -1)):
                 return "Reshape splits the channel axis with another computed dimension"
         if d_el is not None and d_el[0] == "const" and d_el[1] == -1:
             where = None
@@ -852,7 +860,7 @@ def _head_split(node, st: TraceState, xi: ChannelInfo):
     for i, e in enumerate(elements):  # every other entry must stay valid when C shrinks
         if i in (a + k - 1, a + k) or (k == 2 and i == a):
             continue
-        if e is None or e[0] == "const" and e[1] not in (shp_out[i], 0, -1) or e[0] == "dim" and _reads_channels(st, e):
+        if not _stays_valid(st, e, (shp_out[i], 0, -1)):
             return "Reshape splits the channel axis with another computed dimension"
     if h_el is not None and h_el[0] == "const" and h_el[1] == -1:
         where = None  # the head count follows the pruned width at run time
@@ -906,8 +914,7 @@ def _shuffle_split(node, st: TraceState, xi: ChannelInfo):
     for i, e in enumerate(elements):  # every other entry must stay valid when C shrinks
         if i in (a, a + 1):
             continue
-        if e is None or e[0] not in ("const", "dim") or e[0] == "const" and e[1] not in (shp_out[i], 0, -1) \
-                or e[0] == "dim" and _reads_channels(st, e):
+        if not _stays_valid(st, e, (shp_out[i], 0, -1)):
             return "channel shuffle with another computed dimension"
     if q_el is not None and q_el[0] == "const" and q_el[1] == -1:
         where = None
