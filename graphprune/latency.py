@@ -14,7 +14,8 @@ model sharing layer shapes, measures nothing):
   in the width, and a width just above a step costs as much as the top of the next one.
 
 A MatMul of two activations (attention's scores and their product with V) has no weight to build a
-grid from: it is timed once at full size and scales linearly with its kept heads.
+grid from: it is timed once at full size and scales linearly with its kept heads; so does ONNX's
+Attention op (opset 23), timed as one node.
 
 Candidate widths of one layer axis are timed interleaved (rotating order, medians), with the
 intra-op thread count pinned; GPU providers warm up until stable (TensorRT engine builds) and time
@@ -323,13 +324,16 @@ class LatencyTable:
         rng = np.random.default_rng(0)
         elem, dtype = ((TensorProto.FLOAT16, np.float16) if self.precision == "fp16"
                        else (TensorProto.FLOAT, np.float32))
-        shapes = {n: [d * self.batch if k == 0 else d for k, d in enumerate(spec[n])] for n in ("a", "b")}
-        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "pair",
-                                  [helper.make_tensor_value_info(n, elem, shapes[n]) for n in ("a", "b")],
+        attention = spec.get("op") == "Attention"
+        names = ("q", "k", "v") if attention else ("a", "b")
+        shapes = {n: [d * self.batch if k == 0 else d for k, d in enumerate(spec[n])] for n in names}
+        node = (helper.make_node("Attention", list(names), ["y"], **spec["attrs"]) if attention
+                else helper.make_node("MatMul", ["a", "b"], ["y"]))
+        graph = helper.make_graph([node], "pair", [helper.make_tensor_value_info(n, elem, shapes[n]) for n in names],
                                   [helper.make_tensor_value_info("y", elem, None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        ms = self._time(model, {n: rng.standard_normal(shapes[n]).astype(dtype) for n in ("a", "b")})
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23 if attention else 17)])
+        model.ir_version = 10 if attention else 8
+        ms = self._time(model, {n: rng.standard_normal(shapes[n]).astype(dtype) for n in names})
         self.cache[key] = ms
         self.measured += 1
         self.seconds += time.perf_counter() - t
@@ -388,10 +392,20 @@ def pair_spec(trace, layer) -> dict | None:
     """A MatMul of two activations (attention's scores Q·Kᵀ and their product with V): both input
     shapes at batch 1, or None. It has no weight to build a width grid from; its time is measured at
     full size and scales linearly with its kept units (heads), as batched matmuls do."""
-    if layer.op != "MatMul" or (layer.out_ids is None and layer.in_ids is None):
+    if layer.op not in ("MatMul", "Attention") or (layer.out_ids is None and layer.in_ids is None):
         return None  # no unit of any group scales it: a fixed cost, nothing to rank by
     node = trace.graph_node(layer.node)
     st = trace.state
+    if layer.op == "Attention":  # ONNX's Attention op: timed whole (q, k, v at batch 1), no mask
+        from .rules.base import attr
+
+        shapes = [st.cost_shape(t) for t in node.inputs[:3]]
+        if any(not s or None in s for s in shapes):
+            return None
+        keep = ("is_causal", "q_num_heads", "kv_num_heads", "scale", "softcap")
+        attrs = {k: attr(node, k) for k in keep if attr(node, k) is not None}
+        return {"op": "Attention", "q": [int(d) for d in shapes[0]], "k": [int(d) for d in shapes[1]],
+                "v": [int(d) for d in shapes[2]], "attrs": attrs, "out": layer.out_size, "in": layer.in_size}
     if len(node.inputs) != 2 or any(st.const(t) is not None for t in node.inputs):
         return None
     a, b = (list(st.cost_shape(t) or []) for t in node.inputs)

@@ -285,6 +285,7 @@ def trace(graph: gs.Graph, opset: int, input_shapes: dict | None = None) -> Trac
     st.opset = opset
     st.static_shapes = _static_shapes(graph, opset, input_shapes)
     st.batch = next((int(s[0]) for s in input_shapes.values() if len(s) > 1), 1)
+    st.graph_outputs = {t.name for t in graph.outputs}
     for node in graph.nodes:
         rule = REGISTRY.get(node.op) if node.domain in _DEFAULT_DOMAINS else None
         has_info = any(st.info(t) is not None for t in node.inputs)
@@ -358,8 +359,6 @@ def _no_rule_reason(node) -> str:
     if node.op in _FUSED_ATTENTION and node.domain == "com.microsoft":
         return (f"fused {where} (heads and weights inside one kernel; prune the unfused export, "
                 "before onnxruntime's transformer optimiser)")
-    if node.op == "Attention" and node.domain in _DEFAULT_DOMAINS:
-        return "the ONNX Attention op (opset 23) has no head rule yet; export at opset <= 22 to prune heads"
     return f"no channel rule for {where}"
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import ChannelInfo, Layer, Member, RewriteContext, Rule, Source, TraceState, UnionFind
-from . import elementwise, layers, structural
+from . import elementwise, heads, layers, structural
 
 #: layers create channels even when no input carries traced channels
 SOURCE_OPS = frozenset(r for rule in layers.RULES for r in rule.ops)
@@ -18,7 +18,7 @@ def build_registry(rules) -> dict[str, Rule]:
     return registry
 
 
-REGISTRY: dict[str, Rule] = build_registry([*layers.RULES, *elementwise.RULES, *structural.RULES])
+REGISTRY: dict[str, Rule] = build_registry([*layers.RULES, *elementwise.RULES, *structural.RULES, *heads.RULES])
 
 __all__ = ["REGISTRY", "SOURCE_OPS", "ChannelInfo", "Layer", "Member", "RewriteContext", "Rule", "Source",
            "TraceState", "UnionFind", "build_registry"]

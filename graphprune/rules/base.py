@@ -140,6 +140,8 @@ class TraceState:
         self.folded: set[str] = set()
         #: the batch the static shapes were measured at (1 unless the model fixes it): costs are per sample
         self.batch = 1
+        #: names of the graph's outputs (an op whose extra outputs are read must know)
+        self.graph_outputs: set[str] = set()
         #: (ids, n): the group holding these ids keeps at least n units (a pruned structure must stay
         #: the same kind of structure, e.g. a conv pruned by whole groups keeps 3 of them)
         self.min_units: list[tuple[np.ndarray, int]] = []

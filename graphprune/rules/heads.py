@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import DEFAULT_DOMAINS as _DEFAULT_DOMAINS, Rule, TraceState, attr
+from .base import DEFAULT_DOMAINS as _DEFAULT_DOMAINS, ChannelInfo, Rule, TraceState, attr, input_or_none
 
 #: elementwise ops through which uniformity along an axis survives (every input uniform or size 1)
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Not", "And", "Or", "Xor", "Equal", "Less",
@@ -292,3 +292,91 @@ def drop_chains(st: TraceState, chains, reason: str) -> None:
     for chain in chains:
         for consumer_ids in chain.consumers.values():
             st.freeze(consumer_ids, reason)
+
+
+class AttentionRule(Rule):
+    """ONNX's own Attention op (opset 23+, what the dynamo exporter writes for
+    scaled_dot_product_attention at opset 23). Heads are independent inside it, so a head of q,
+    of k and of v is one unit and the output keeps it:
+
+    * 4-D q/k/v (B, H, S, D): the head axis 1 of all three carries the same traced heads (a head
+      split upstream); the output (B, H, Sq, Dv) keeps them on axis 1;
+    * 3-D q/k/v (B, S, H*D) with ``q_num_heads``/``kv_num_heads``: each head's D channels become one
+      unit, the output (B, Sq, H*Dv) carries v's channels, and both attributes are rewritten to the
+      kept head count.
+
+    The default scale 1/sqrt(D) does not depend on the head count. Frozen instead: grouped k/v heads
+    (fewer than q's: a kv head serves several q heads), q, k and v that do not all carry the heads,
+    a mask with a head axis that is not those heads, a KV cache (past inputs, present outputs) and
+    the qk_matmul_output output (their head count would change)."""
+
+    ops = ("Attention",)
+    data_input_only = False
+
+    def trace(self, node, st: TraceState) -> None:
+        from .structural import _one_unit_per_head
+
+        q, k, v = node.inputs[:3]
+        infos = [st.info(t) for t in (q, k, v)]
+        ranks = [st.rank(t) for t in (q, k, v)]
+        shapes = [st.cost_shape(t) for t in (q, k, v)]
+        if any(input_or_none(node, i) is not None for i in (4, 5)) or any(
+                t is not None and t.name and (t.outputs or t.name in st.graph_outputs) for t in node.outputs[1:]):
+            return self.unknown(node, st, "Attention with a KV cache or its qk_matmul_output read (their head "
+                                          "count would change)")
+        if None in infos or None in ranks or len(set(ranks)) != 1 or ranks[0] not in (3, 4) or None in shapes \
+                or any(None in s for s in shapes):
+            return self.unknown(node, st, "Attention whose q, k and v do not all carry traced heads")
+        three_d = ranks[0] == 3
+        if three_d:
+            hq, hkv = int(attr(node, "q_num_heads", 0)), int(attr(node, "kv_num_heads", 0))
+            if any(i.axis != 2 for i in infos) or hq <= 0 or hq != hkv:
+                return self.unknown(node, st, "Attention with grouped k/v heads or channels off the hidden axis")
+            d, dv = len(infos[0]) // hq, len(infos[2]) // hq
+            if d * hq != len(infos[0]) or len(infos[1]) != len(infos[0]) or dv * hq != len(infos[2]):
+                return self.unknown(node, st, "Attention whose widths are not whole heads")
+            heads = [_one_unit_per_head(st, i, hq, w) for i, w in zip(infos, (d, d, dv))]
+            n = hq
+        else:
+            if any(i.axis != 1 for i in infos) or len({len(i) for i in infos}) != 1:
+                return self.unknown(node, st, "Attention with grouped k/v heads or heads off axis 1")
+            heads = [i.ids for i in infos]
+            n = len(infos[0])
+        for h in heads[1:]:
+            st.union(heads[0], h)
+        mask = input_or_none(node, 3)
+        if mask is not None:
+            m_shape, mi = st.cost_shape(mask), st.info(mask)
+            if m_shape is None:
+                return self.unknown(node, st, "Attention with a mask of unknown shape")
+            ax = len(m_shape) - 3
+            if ax >= 0 and m_shape[ax] != 1:
+                if mi is None or mi.axis != ax or len(mi) != n:
+                    return self.unknown(node, st, "Attention with a per-head mask that is not those heads")
+                st.union(heads[0], mi.ids)
+            elif mi is not None:
+                st.freeze(mi.ids, "Attention mask channels on a broadcast axis")
+        if three_d:
+            st.set(node.outputs[0], ChannelInfo(2, infos[2].ids, np.full(len(infos[2]), np.nan)))
+            st.needs_rewrite(node, self, heads[0])
+        else:
+            st.set(node.outputs[0], ChannelInfo(1, heads[0], np.full(n, np.nan)))
+        # per head: Sq x Skv scores of D MACs each, and Sq x Dv outputs of Skv MACs each
+        (sq, dq), (skv, dvv) = self._sizes(shapes[0], hq if three_d else None), \
+            self._sizes(shapes[2], hq if three_d else None)
+        st.layer(node, max(1, sq * skv * (dq + dvv)), heads[0], n, None, 1)
+
+    @staticmethod
+    def _sizes(shape, heads):
+        """(sequence length, head width) of a 3-D (B, S, H*D) or 4-D (B, H, S, D) operand."""
+        if heads is not None:
+            return int(shape[1]), int(shape[2]) // heads
+        return int(shape[2]), int(shape[3])
+
+    def rewrite(self, node, ctx, data) -> None:
+        kept = ctx.kept_count(data)
+        node.attrs["q_num_heads"] = kept
+        node.attrs["kv_num_heads"] = kept
+
+
+RULES = [AttentionRule()]
