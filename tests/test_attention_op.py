@@ -169,3 +169,19 @@ def test_latency_model_times_the_attention_op(three_d, tmp_path, monkeypatch):
     without = CostModel(tr)
     assert without.add_latency(table) == len(timed)
     assert with_att - -without.delta(head.units[:1], "latency") == pytest.approx(ms / H, rel=1e-9)
+
+
+@pytest.mark.parametrize("three_d", [False, True], ids=["4d", "3d"])
+def test_macs_count_the_attention_op_per_head(three_d):
+    """MACs at S = 5 (per sample): q/k/v projections 3·S·C·C, output projection S·C·8, and per head
+    S·S scores of D MACs plus S·D outputs of S MACs; half the heads removed halves the last term."""
+    from graphprune.cost import CostModel, model_costs
+
+    tr = _trace(load_via_file(_model(three_d)))
+    S = 5
+    attention = H * S * S * (D + D)
+    assert model_costs(tr)["macs"] == 3 * S * C * C + S * C * 8 + attention
+    head = _attention_group(tr)
+    cm = CostModel(tr)
+    # two heads: their rows of q/k/v, columns of the output projection, and their attention MACs
+    assert -cm.delta(head.units[:2], "macs") == 2 * (3 * S * C * D + S * D * 8) + attention // 2
