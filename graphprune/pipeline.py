@@ -75,6 +75,26 @@ def _check_runnable(model, config: PruneConfig) -> None:
                         "verification, accuracy and latency need; use --no-verify (without --eval/--keep-latency)")
 
 
+def _fit_static_batch(model, config: PruneConfig) -> PruneConfig:
+    """A model with a static batch B runs B samples at a time only (its Reshapes may even hold B):
+    calibration statistics and recovery go B at a time too (onnxruntime runs are chunked by
+    runtime.run; the calibration set is cut to a multiple of B by load_calib)."""
+    import dataclasses
+
+    from . import log
+    from .runtime import static_batch
+
+    b = static_batch(model)
+    if b is None or config.batch_size == b and config.recover_batch % b == 0:
+        return config
+    recover_batch = max(b, config.recover_batch - config.recover_batch % b)
+    if config.calib is not None:
+        log.info(f"the model's inputs have a static batch of {b}: calibration statistics run {b} "
+                 f"sample{'s' if b > 1 else ''} at a time, recovery's mini-batches of {recover_batch} in "
+                 f"forward passes of {b}")
+    return dataclasses.replace(config, batch_size=b, recover_batch=recover_batch)
+
+
 def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
           report_path: str | os.PathLike | None = None) -> dict:
     """Load and trace PATH, prune it (channel rounds: score, plan, compensate, rewrite, verify,
@@ -88,6 +108,7 @@ def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,
     model, tr = load_and_trace(path, config.input_shapes, config.calib)
     timings["load_and_trace"] = time.perf_counter() - t
     _check_runnable(model, config)
+    config = _fit_static_batch(model, config)
     before_accuracy = accuracy_before(model, tr, config.eval_data, timings)
     n_recover = recovery_steps(config)
     if eigendamage.applies(config):

@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from . import log
 from .config import RECOVER_TEMPERATURE
 from .errors import UserError
+from .runtime import static_batch
 
 #: ops whose parameter inputs recovery trains, and which input positions those are
 TRAINED_INPUTS = {
@@ -290,11 +291,24 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=gen)
+    fixed = static_batch(pruned)  # a static batch B: the executor runs B samples at a time
+    chunk = fixed * max(1, 64 // fixed) if fixed else 64
     n_hold = max(1, int(round(n * cfg.holdout)))
+    if fixed and fixed > 1:
+        n_hold = max(fixed, n_hold - n_hold % fixed)
     hold, train = order[:n_hold], order[n_hold:]
     dev = torch.device(dp.local_device(cfg.device))
     world, main = dp.world_size(), dp.is_main()
     scales = [max(float(np.var(a, dtype=np.float64)), 1e-12) for a in teacher[:n_out]]
+
+    def forward(graph, x: dict) -> list:
+        """graph(**x); B samples at a time, outputs concatenated, for a model with a static batch B
+        (the mini-batch's mean loss and its gradient are those of one batched forward)."""
+        n = len(next(iter(x.values())))
+        if not fixed or n == fixed:
+            return graph(**x)
+        outs = [graph(**{k: v[s:s + fixed] for k, v in x.items()}) for s in range(0, n, fixed)]
+        return [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
 
     def tensors(idx):
         x = {k: torch.from_numpy(np.ascontiguousarray(v[idx.numpy()])).to(dev) for k, v in inputs.items()}
@@ -334,7 +348,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
             v[m] = lv * v[m] + (1 - lv) * xo[name]
             x[name] = v
         with torch.no_grad():
-            extra = teach_tg(**{name: v[m] for name, v in x.items()})
+            extra = forward(teach_tg, {name: v[m] for name, v in x.items()})
         t = list(t)
         for i, e in enumerate(extra):
             t[i] = t[i].clone()
@@ -347,7 +361,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     T = float(cfg.temperature)
 
     def objective(x, t, y) -> torch.Tensor:
-        outs = tg(**x)
+        outs = forward(tg, x)
         loss = _distill_loss(kinds, outs[:n_out], t[:n_out], y, T, ce_on, scales)
         if feats:
             term = sum((o - f).pow(2).mean() / sc for o, f, sc in zip(outs[n_out:], t[n_out:], f_scales))
@@ -361,9 +375,9 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         mine = hold[dp.shard(n_hold)]
         tot = torch.zeros((), dtype=torch.float64, device=dev)
         with torch.no_grad():
-            for s in range(0, len(mine), 64):
-                x, t, y = tensors(mine[s:s + 64])
-                tot += float(objective(x, t, y)) * len(mine[s:s + 64])
+            for s in range(0, len(mine), chunk):
+                x, t, y = tensors(mine[s:s + chunk])
+                tot += float(objective(x, t, y)) * len(mine[s:s + chunk])
         dp.all_reduce_sum([tot], cfg.device)  # the backend of the first call serves the whole run
         return float(tot) / n_hold
 

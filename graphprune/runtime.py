@@ -159,10 +159,51 @@ def random_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0, shapes=
     return feeds
 
 
+def static_batch(model) -> int | None:
+    """The batch size a model fixes on every data input (dim 0 a number, the same on all of them:
+    a file exported with a static batch, as detectors' export scripts and old zoo files are), or
+    None when the batch is free. Such a model runs at that batch only: graphprune feeds it that many
+    samples at a time."""
+    proto = model.model if isinstance(model, GraphModel) else model
+    inits = {i.name for i in proto.graph.initializer}
+    dims = set()
+    for vi in proto.graph.input:
+        if vi.name in inits or (isinstance(model, GraphModel) and vi.name in model.weights):
+            continue
+        shape = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else []
+        if not shape or not shape[0].HasField("dim_value") or shape[0].dim_value < 1:
+            return None
+        dims.add(int(shape[0].dim_value))
+    return dims.pop() if len(dims) == 1 else None
+
+
+def _session_batch(sess) -> int | None:
+    """static_batch of a session's data inputs (their dim 0, when all are the same number)."""
+    dims = {i.shape[0] if i.shape else None for i in sess.get_inputs()}
+    b = dims.pop() if len(dims) == 1 else None
+    return b if isinstance(b, int) and b >= 1 else None
+
+
 def run(model_or_session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of one run. A model with a static batch B (``static_batch``) given another number of
+    samples runs B at a time (the last chunk padded with copies of its last sample, whose outputs
+    are dropped) and the outputs are concatenated along the batch axis."""
     sess = model_or_session if hasattr(model_or_session, "run") else session(model_or_session)
+    b = _session_batch(sess)
+    n = len(next(iter(feeds.values()))) if feeds else 0
     try:
-        return sess.run(None, feeds)
+        if b is None or n == b or n == 0 or any(np.ndim(v) == 0 or len(v) != n for v in feeds.values()):
+            return sess.run(None, feeds)
+        parts = []
+        for s in range(0, n, b):
+            chunk = {k: v[s:s + b] for k, v in feeds.items()}
+            got = len(next(iter(chunk.values())))
+            if got < b:
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], b - got, axis=0)]) for k, v in chunk.items()}
+            outs = sess.run(None, chunk)
+            parts.append([np.asarray(o)[:got] if np.ndim(o) and len(o) == b else np.asarray(o) for o in outs])
+        return [np.concatenate([p[i] for p in parts]) if np.ndim(parts[0][i]) else parts[0][i]
+                for i in range(len(parts[0]))]
     except Exception as exc:  # onnxruntime errors (shape mismatches inside the graph, ...) are the model's
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"onnxruntime cannot run the model ({msg[:300]})") from None

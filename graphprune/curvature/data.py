@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..calib import load_npz, match_inputs
 from ..errors import UserError
-from ..runtime import random_inputs
+from ..runtime import random_inputs, static_batch
 
 LOSSES = ("auto", "labels", "true-fisher", "empirical-fisher", "gauss-newton", "categorical", "bernoulli")
 #: the loss kinds of one output (a LossSpec part); "true-fisher" is the classifier-logits categorical
@@ -99,7 +99,12 @@ def load_calib(model: onnx.ModelProto, path: str | None, samples: int, seed: int
         labels = labels.astype(np.int64)[:samples]
     if n < samples:
         samples = n
-    return CalibData({k: v[:samples] for k, v in feeds.items()}, labels, str(path))
+    b = static_batch(model)
+    if b is not None and b > 1:  # a static batch runs whole batches only
+        if samples < b:
+            raise UserError(f"{path}: {samples} samples, fewer than the model's static batch of {b}")
+        samples -= samples % b
+    return CalibData({k: v[:samples] for k, v in feeds.items()}, None if labels is None else labels[:samples], str(path))
 
 
 def _resolve_legacy(kind: str, data: CalibData, output_shape) -> str:

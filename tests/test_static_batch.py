@@ -1,0 +1,72 @@
+"""Models exported with a static batch (detectors' export scripts, old zoo files, `graphprune convert
+--static-batch`): onnxruntime runs over data sets go B samples at a time, calibration statistics
+run at batch B and recovery's mini-batches in forward passes of B, so `prune --calib --eval` works
+on them instead of failing on the first batch of 32."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graphprune.curvature.data import load_calib
+from graphprune.runtime import run, session, static_batch
+from tests.helpers import const
+
+
+def _mlp(batch) -> onnx.ModelProto:
+    """x (batch, 6) -> Gemm -> Relu -> Reshape to (batch, 2, 4) with the batch written into the
+    shape constant when it is static (as TorchScript's static exports write view(1, ...))."""
+    shape = [batch if isinstance(batch, int) else -1, 2, 4]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Reshape", ["r", "s"], ["y"])]
+    rng = np.random.default_rng(1)  # the same weights for every batch variant
+    inits = [const("w", (8, 6), rng), const("b", (8,), rng), onnx.numpy_helper.from_array(np.array(shape, np.int64), "s")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2, 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_static_batch_is_read_off_the_inputs():
+    assert static_batch(_mlp(1)) == 1 and static_batch(_mlp(2)) == 2 and static_batch(_mlp("N")) is None
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_run_feeds_a_static_batch_model_b_samples_at_a_time(batch):
+    x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    (want,) = run(session(_mlp("N")), {"x": x})
+    (got,) = run(session(_mlp(batch)), {"x": x})  # 5 samples: chunks of B, the last one padded
+    assert got.shape == (5, 2, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_calibration_set_is_cut_to_whole_static_batches(tmp_path):
+    path = tmp_path / "c.npz"
+    np.savez(path, x=np.zeros((7, 6), np.float32), labels=np.arange(7))
+    data = load_calib(_mlp(2), str(path), 128)
+    assert len(data) == 6 and len(data.labels) == 6
+    assert len(load_calib(_mlp(1), str(path), 128)) == 7
+
+
+def test_prune_with_calibration_and_eval_on_a_static_batch_export(tmp_path, capfd, monkeypatch):
+    """`graphprune convert --static-batch` then `prune --calib --eval` (Taylor scores, OBS
+    compensation, recovery, accuracy): the one-line ORT error it used to end in is gone, the output
+    keeps the static batch, and recovery works in forward passes of 1 with mini-batches of 32."""
+    from graphprune import log
+    from graphprune.cli import main
+
+    monkeypatch.setattr(log, "_quiet", False)
+
+    src = str(tmp_path / "static.onnx")
+    assert main(["convert", "samples/digits.py:digits_resnet", "--weights", "samples/digits_resnet.pt",
+                 "--input-shape", "1,1,8,8", "--static-batch", "-o", src]) == 0
+    assert static_batch(onnx.load(src)) == 1
+    out = str(tmp_path / "p.onnx")
+    capfd.readouterr()
+    assert main(["prune", src, "-o", out, "--keep-flops", "0.5", "--calib", "samples/digits_calib.npz",
+                 "--samples", "64", "--recover", "20", "--eval", "samples/digits_test.npz"]) == 0
+    err = capfd.readouterr()
+    text = err.out + err.err
+    assert "static batch of 1" in text and "mini-batches of 32" in text
+    assert "accuracy: 100.00% ->" in text
+    assert static_batch(onnx.load(out)) == 1
