@@ -77,22 +77,23 @@ def _check_runnable(model, config: PruneConfig) -> None:
 
 def _fit_static_batch(model, config: PruneConfig) -> PruneConfig:
     """A model with a static batch B runs B samples at a time only (its Reshapes may even hold B):
-    calibration statistics and recovery go B at a time too (onnxruntime runs are chunked by
-    runtime.run; the calibration set is cut to a multiple of B by load_calib)."""
+    calibration statistics and recovery keep their mini-batches (rounded down to multiples of B)
+    and forward them B samples at a time (curvature.collect's ``micro``, recover's ``forward``);
+    onnxruntime runs are chunked by runtime.run, the calibration set is cut to whole batches by
+    load_calib."""
     import dataclasses
 
     from . import log
     from .runtime import static_batch
 
     b = static_batch(model)
-    if b is None or config.batch_size == b and config.recover_batch % b == 0:
+    if b is None:
         return config
-    recover_batch = max(b, config.recover_batch - config.recover_batch % b)
+    batch, recover_batch = (max(b, x - x % b) for x in (config.batch_size, config.recover_batch))
     if config.calib is not None:
-        log.info(f"the model's inputs have a static batch of {b}: calibration statistics run {b} "
-                 f"sample{'s' if b > 1 else ''} at a time, recovery's mini-batches of {recover_batch} in "
-                 f"forward passes of {b}")
-    return dataclasses.replace(config, batch_size=b, recover_batch=recover_batch)
+        log.info(f"the model's inputs have a static batch of {b}: calibration mini-batches of {batch} and "
+                 f"recovery's of {recover_batch} run in forward passes of {b}")
+    return dataclasses.replace(config, batch_size=batch, recover_batch=recover_batch)
 
 
 def prune(path: str | os.PathLike, out: str | os.PathLike, config: PruneConfig,

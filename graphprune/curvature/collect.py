@@ -439,9 +439,12 @@ def _bytes_text(n: float) -> str:
 
 def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, needs: set[str], *,
             batch_size: int = 32, damping: float = 1e-3, seed: int = 0, on_batch=None,
-            device: str = "cpu", block_size: int | None = None) -> Stats:
+            device: str = "cpu", block_size: int | None = None, micro: int | None = None) -> Stats:
     """Run forward/backward over the calibration set, accumulating what ``needs`` asks for
-    (``block_size``: WoodFisher's diagonal blocks, None: one per output row).
+    (``block_size``: WoodFisher's diagonal blocks, None: one per output row). ``micro``: a model
+    with a static batch runs each mini-batch in forward/backward passes of that many samples, each
+    pass's loss still divided by the whole mini-batch, so gradients and statistics are those of the
+    batched pass.
 
     Under torchrun (graphprune.distributed) every rank takes its share of each mini-batch and the
     sums are all-reduced at the end (curvature/parallel.py); the sampled targets come from
@@ -475,15 +478,17 @@ def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, ne
         acc.batch_size = n  # the loss is the mean over the whole mini-batch, whichever rank holds a row
         rows = dp.shard_chunks(n, acc.chunk) if parallel else slice(0, n)
         tg.zero_grad(set_to_none=True)
-        if rows.stop > rows.start:
-            acc.row0 = seen + rows.start
-            inputs = {name: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for name, v in feeds.items()}
+        step = micro or max(rows.stop - rows.start, 1)
+        for m0 in range(rows.start, rows.stop, step):
+            part = slice(m0, min(rows.stop, m0 + step))
+            acc.row0 = seen + part.start
+            inputs = {name: torch.from_numpy(np.ascontiguousarray(v[part])).to(device) for name, v in feeds.items()}
             outs = _forward(tg, acc, inputs, trainable, input_grads)
             if input_grads and acc.missed:
                 input_grads = False
                 outs = _forward(tg, acc, inputs, trainable, False)
-            lab = None if labels is None else torch.from_numpy(labels[rows]).to(device)
-            seeds = SampleSeeds(seed, range(seen + rows.start, seen + rows.stop))
+            lab = None if labels is None else torch.from_numpy(labels[part]).to(device)
+            seeds = SampleSeeds(seed, range(seen + part.start, seen + part.stop))
             loss = spec.value(outs, lab, seeds, n)  # Σ over outputs, Σ over rows / n (data.LossSpec)
             loss.backward()
             del outs, loss

@@ -58,6 +58,7 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
     from ..curvature.collect import available_bytes, collect, default_block_size, estimate_bytes
     from ..curvature.data import load_calib, resolve_loss
     from ..curvature.layers import layer_views
+    from ..runtime import static_batch
 
     t = time.perf_counter()
     data = load_calib(model, config.calib, config.samples, config.seed, shapes=tr.input_shapes)
@@ -90,7 +91,7 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
         raise UserError(f"{exc}; use a weights-only criterion (magnitude) for this model") from None
     ctx.stats = collect(tg, views, data, loss_kind, needs, batch_size=config.batch_size,
                         damping=config.damping, seed=config.seed, device=device, on_batch=on_batch,
-                        block_size=block)
+                        block_size=block, micro=static_batch(model))
     timings[tag + "statistics"] = time.perf_counter() - t
     meta = {"loss": loss_kind, "calibration": data.source, "samples": len(data)}
     if block is not None:
