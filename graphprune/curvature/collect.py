@@ -12,6 +12,7 @@ needs (declared by the criteria):
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -476,7 +477,8 @@ def collect(tg, views: dict[str, LayerView], data: CalibData, loss_kind: str, ne
         t_batch = time.perf_counter()
         n = len(next(iter(feeds.values())))
         acc.batch_size = n  # the loss is the mean over the whole mini-batch, whichever rank holds a row
-        rows = dp.shard_chunks(n, acc.chunk) if parallel else slice(0, n)
+        # ranks' shares start on whole chunks, and on whole static batches (``micro``)
+        rows = dp.shard_chunks(n, math.lcm(acc.chunk, micro or 1)) if parallel else slice(0, n)
         tg.zero_grad(set_to_none=True)
         step = micro or max(rows.stop - rows.start, 1)
         for m0 in range(rows.start, rows.stop, step):
