@@ -20,10 +20,19 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
-__all__ = ["LAYER_OPS", "OPS", "TorchGraph", "UnsupportedOpError"]
+__all__ = ["LAYER_OPS", "OPS", "ExecutionError", "TorchGraph", "UnsupportedOpError"]
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
+
+class ExecutionError(RuntimeError):
+    """A node failed while the executor ran it (a shape the model cannot take, such as a batch its
+    Reshapes do not allow): names the node and the op, with torch's first line."""
+
+    def __init__(self, op: str, node: str, detail: str):
+        self.op, self.node = op, node
+        super().__init__(f"the PyTorch executor failed at node '{node}' ({op}): {detail}")
 
 
 class UnsupportedOpError(Exception):
@@ -981,7 +990,13 @@ class TorchGraph(torch.nn.Module):
         ctx, rec = _Ctx(self.opset, device), self.recorder
         for step in self._steps:
             inputs = [env[n] if n else None for n in step.inputs]
-            outputs = step.fn(step.node, inputs, ctx)
+            try:
+                outputs = step.fn(step.node, inputs, ctx)
+            except (RuntimeError, IndexError, ValueError) as exc:
+                if isinstance(exc, ExecutionError):
+                    raise
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise ExecutionError(step.node.op, step.node.name, detail) from exc
             for name, t in zip(step.outputs, outputs):
                 if name:
                     env[name] = t

@@ -81,3 +81,31 @@ def test_prune_with_calibration_and_eval_on_a_static_batch_export(tmp_path, capf
     assert removed["static"] == removed["dynamic"] and any(removed["static"])
     acc = [line for k in ("static", "dynamic") for line in texts[k].splitlines() if line.startswith("accuracy:")]
     assert len(acc) == 2 and acc[0] == acc[1], acc
+
+
+def test_a_model_that_cannot_take_the_calibration_batch_is_a_one_line_error(tmp_path, capfd):
+    """A declared dynamic batch with the batch 1 baked into a Reshape (x (N, 6) -> (1, 2, 4)): the
+    calibration mini-batch cannot go through it. One error line naming the Reshape, a non-zero
+    exit, no output file, no traceback; the PyTorch executor itself names the failing node."""
+    from converters.onnx_to_torch import ExecutionError, TorchGraph
+    from graphprune.cli import main
+
+    m = _mlp("N")
+    for init in m.graph.initializer:
+        if init.name == "s":
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array([1, 2, 4], np.int64), "s"))
+    src, out = tmp_path / "baked.onnx", tmp_path / "p.onnx"
+    onnx.save(m, src)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((16, 6)).astype(np.float32))
+    capfd.readouterr()
+    code = main(["prune", str(src), "-o", str(out), "--keep-flops", "0.5", "--criterion", "fisher",
+                 "--calib", str(tmp_path / "c.npz")])
+    err = capfd.readouterr().err
+    assert code != 0 and not out.exists()
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(lines) == 1 and "Reshape" in lines[0] and "Traceback" not in err, err
+    import torch
+
+    tg = TorchGraph(onnx.load(str(src)))
+    with pytest.raises(ExecutionError, match=r"node '.*' \(Reshape\): shape"):
+        tg(x=torch.zeros(4, 6))

@@ -71,8 +71,13 @@ class Recovery:
 
         t = time.perf_counter()
         before = evaluate(pruned, eval_data) if eval_data else None
-        res = recover(pruned, self.inputs, self.teacher, self.cfg, self.labels, self.allowed,
-                      tag=tag.replace("_", " "), features=self.features, dense=self.dense)
+        from converters.onnx_to_torch import ExecutionError
+
+        try:
+            res = recover(pruned, self.inputs, self.teacher, self.cfg, self.labels, self.allowed,
+                          tag=tag.replace("_", " "), features=self.features, dense=self.dense)
+        except ExecutionError as exc:
+            raise UserError(f"recovery: {exc} (use --recover 0)") from None
         write_values(pruned, res.values)
         entry = res.summary()
         if before is not None:

@@ -53,7 +53,7 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
     statistics only for the layers a channel criterion reads and compensation updates (those with
     output rows or input columns in a prunable group); the others (a classifier head whose classes
     are a graph output, depthwise convs, layers between frozen groups) get none."""
-    from converters.onnx_to_torch import TorchGraph, UnsupportedOpError
+    from converters.onnx_to_torch import ExecutionError, TorchGraph, UnsupportedOpError
 
     from ..curvature.collect import available_bytes, collect, default_block_size, estimate_bytes
     from ..curvature.data import load_calib, resolve_loss
@@ -89,9 +89,13 @@ def collect_statistics(model: onnx.ModelProto, tr: Trace, ctx: ScoringContext, c
                         device=device, share_weights=True)  # on CPU: no second copy of the weights
     except UnsupportedOpError as exc:
         raise UserError(f"{exc}; use a weights-only criterion (magnitude) for this model") from None
-    ctx.stats = collect(tg, views, data, loss_kind, needs, batch_size=config.batch_size,
-                        damping=config.damping, seed=config.seed, device=device, on_batch=on_batch,
-                        block_size=block, micro=static_batch(model))
+    try:
+        ctx.stats = collect(tg, views, data, loss_kind, needs, batch_size=config.batch_size,
+                            damping=config.damping, seed=config.seed, device=device, on_batch=on_batch,
+                            block_size=block, micro=static_batch(model))
+    except ExecutionError as exc:
+        raise UserError(f"calibration statistics: {exc}; a weights-only criterion (magnitude) needs no "
+                        "executor") from None
     timings[tag + "statistics"] = time.perf_counter() - t
     meta = {"loss": loss_kind, "calibration": data.source, "samples": len(data)}
     if block is not None:
