@@ -61,10 +61,10 @@ def _model(three_d: bool, *, kv_heads: int = H, mask=None, causal: int = 0, pres
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
 
 
-def _attention_group(tr):
-    """The group of the q projection's channels: one unit per head (q, k and v heads together)."""
+def _attention_group(tr, kv_heads: int = H):
+    """The group of the q projection's channels: one unit per k/v head (with its q heads)."""
     g = next(g for g in tr.groups if any(s.node == "q_proj" for s in g.sources))
-    assert g.size == H and {s.node for s in g.sources} == {"q_proj", "k_proj", "v_proj"}, g
+    assert g.size == kv_heads and {s.node for s in g.sources} == {"q_proj", "k_proj", "v_proj"}, g
     return g
 
 
@@ -127,11 +127,34 @@ def test_mask_broadcast_over_heads_and_softcap_prune(three_d):
     assert res["ok"], res
 
 
-@pytest.mark.parametrize("case", ["gqa", "per_head_mask", "present"])
+@pytest.mark.parametrize("three_d", [False, True], ids=["4d", "3d"])
+def test_grouped_query_heads_prune_by_kv_group(three_d):
+    """Grouped-query attention (4 q heads, 2 k/v heads: q heads 0-1 read kv head 0, 2-3 kv head 1):
+    a unit is one kv head with its two q heads; removing one leaves q_num_heads 2, kv_num_heads 1
+    (3-D) or head splits of 2 and 1 (4-D); parity at two batches and a second length."""
+    tr, model, removed, pruned = _prune(_model(three_d, kv_heads=2, causal=1))
+    g = _attention_group(tr, kv_heads=2)
+    assert g.prunable
+    dims = {i.name: tuple(i.dims) for i in pruned.graph.initializer}
+    assert dims["wq"][1] == C // 2 and dims["wk"][1] == D and dims["wv"][1] == D and dims["wo"][0] == C // 2
+    if three_d:
+        a = _attrs(_node(pruned, "attn"))
+        assert (a["q_num_heads"], a["kv_num_heads"]) == (2, 1)
+    _check_parity(tr, model, removed, pruned)
+
+
+def test_q_heads_not_a_multiple_of_kv_heads_freeze():
+    """4 q heads over 3 k/v heads (3-D attributes): no whole groups, so the heads stay."""
+    m = _model(True, kv_heads=3)
+    tr = _trace(load_via_file(m))
+    frozen = [g for g in tr.groups if any(s.node == "q_proj" for s in g.sources)]
+    assert frozen and not any(g.prunable for g in frozen)
+    assert "whole groups" in " ".join(r for g in frozen for r in g.frozen)
+
+
+@pytest.mark.parametrize("case", ["per_head_mask", "present"])
 def test_what_the_rule_cannot_follow_freezes(case):
-    if case == "gqa":
-        m, word = _model(True, kv_heads=2), "grouped"
-    elif case == "per_head_mask":
+    if case == "per_head_mask":
         m, word = _model(False, mask=np.zeros((1, H, 5, 5), np.float32)), "per-head mask"
     else:
         m, word = _model(False, present=True), "KV cache"

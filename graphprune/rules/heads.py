@@ -296,19 +296,20 @@ def drop_chains(st: TraceState, chains, reason: str) -> None:
 
 class AttentionRule(Rule):
     """ONNX's own Attention op (opset 23+, what the dynamo exporter writes for
-    scaled_dot_product_attention at opset 23). Heads are independent inside it, so a head of q,
-    of k and of v is one unit and the output keeps it:
+    scaled_dot_product_attention at opset 23). Heads are independent inside it: a unit is one k/v
+    head with the q heads that read it (one q head without grouped-query attention; q head h reads
+    kv head h // (Hq / Hkv) with it), and the output keeps the q heads:
 
-    * 4-D q/k/v (B, H, S, D): the head axis 1 of all three carries the same traced heads (a head
-      split upstream); the output (B, H, Sq, Dv) keeps them on axis 1;
-    * 3-D q/k/v (B, S, H*D) with ``q_num_heads``/``kv_num_heads``: each head's D channels become one
-      unit, the output (B, Sq, H*Dv) carries v's channels, and both attributes are rewritten to the
-      kept head count.
+    * 4-D q/k/v (B, H, S, D): the head axis 1 of q, k and v carries traced heads (head splits
+      upstream, whose head counts their own rules rewrite); the output (B, Hq, Sq, Dv) keeps q's;
+    * 3-D q/k/v (B, S, H*D) with ``q_num_heads``/``kv_num_heads``: each head's D channels join its
+      unit, the output (B, Sq, Hq*Dv) carries them per q head, and both attributes are rewritten to
+      the kept counts.
 
-    The default scale 1/sqrt(D) does not depend on the head count. Frozen instead: grouped k/v heads
-    (fewer than q's: a kv head serves several q heads), q, k and v that do not all carry the heads,
-    a mask with a head axis that is not those heads, a KV cache (past inputs, present outputs) and
-    the qk_matmul_output output (their head count would change)."""
+    The default scale 1/sqrt(D) does not depend on the head count. Frozen instead: q heads that are
+    not a whole multiple of the k/v heads, q, k and v that do not all carry the heads, a mask with a
+    head axis that is not the q heads, a KV cache (past inputs, present outputs) and the
+    qk_matmul_output output (their head count would change)."""
 
     ops = ("Attention",)
     data_input_only = False
@@ -330,20 +331,27 @@ class AttentionRule(Rule):
         three_d = ranks[0] == 3
         if three_d:
             hq, hkv = int(attr(node, "q_num_heads", 0)), int(attr(node, "kv_num_heads", 0))
-            if any(i.axis != 2 for i in infos) or hq <= 0 or hq != hkv:
-                return self.unknown(node, st, "Attention with grouped k/v heads or channels off the hidden axis")
-            d, dv = len(infos[0]) // hq, len(infos[2]) // hq
-            if d * hq != len(infos[0]) or len(infos[1]) != len(infos[0]) or dv * hq != len(infos[2]):
-                return self.unknown(node, st, "Attention whose widths are not whole heads")
-            heads = [_one_unit_per_head(st, i, hq, w) for i, w in zip(infos, (d, d, dv))]
-            n = hq
+            if any(i.axis != 2 for i in infos):
+                return self.unknown(node, st, "Attention with channels off the hidden axis")
         else:
-            if any(i.axis != 1 for i in infos) or len({len(i) for i in infos}) != 1:
-                return self.unknown(node, st, "Attention with grouped k/v heads or heads off axis 1")
-            heads = [i.ids for i in infos]
-            n = len(infos[0])
-        for h in heads[1:]:
-            st.union(heads[0], h)
+            if any(i.axis != 1 for i in infos):
+                return self.unknown(node, st, "Attention with heads off axis 1")
+            hq, hkv = len(infos[0]), len(infos[1])
+        if hq <= 0 or hkv <= 0 or hq % hkv or len(infos[2]) % hkv:
+            return self.unknown(node, st, "Attention whose q heads are not whole groups of its k/v heads")
+        g = hq // hkv
+        if three_d:
+            d, dv = len(infos[0]) // hq, len(infos[2]) // hkv
+            if d * hq != len(infos[0]) or d * hkv != len(infos[1]) or dv * hkv != len(infos[2]):
+                return self.unknown(node, st, "Attention whose widths are not whole heads")
+            q_heads = _one_unit_per_head(st, infos[0], hq, d)
+            k_heads, v_heads = _one_unit_per_head(st, infos[1], hkv, d), _one_unit_per_head(st, infos[2], hkv, dv)
+        else:
+            if len(infos[2]) != hkv:
+                return self.unknown(node, st, "Attention whose k and v heads differ")
+            q_heads, k_heads, v_heads = (i.ids for i in infos)
+        st.union(k_heads, v_heads)
+        st.union(np.repeat(k_heads, g), q_heads)  # q head h reads kv head h // g
         mask = input_or_none(node, 3)
         if mask is not None:
             m_shape, mi = st.cost_shape(mask), st.info(mask)
@@ -351,20 +359,26 @@ class AttentionRule(Rule):
                 return self.unknown(node, st, "Attention with a mask of unknown shape")
             ax = len(m_shape) - 3
             if ax >= 0 and m_shape[ax] != 1:
-                if mi is None or mi.axis != ax or len(mi) != n:
+                if mi is None or mi.axis != ax or len(mi) != hq:
                     return self.unknown(node, st, "Attention with a per-head mask that is not those heads")
-                st.union(heads[0], mi.ids)
+                st.union(q_heads, mi.ids)
             elif mi is not None:
                 st.freeze(mi.ids, "Attention mask channels on a broadcast axis")
         if three_d:
-            st.set(node.outputs[0], ChannelInfo(2, infos[2].ids, np.full(len(infos[2]), np.nan)))
-            st.needs_rewrite(node, self, heads[0])
+            if g == 1:
+                out = infos[2].ids  # output channel (h, e) is v's channel (h, e)
+            else:  # q head h's Dv outputs: new ids in its unit
+                out = st.new_ids(hq * dv).reshape(hq, dv)
+                st.union(np.repeat(q_heads, dv), out.reshape(-1))
+                out = out.reshape(-1)
+            st.set(node.outputs[0], ChannelInfo(2, out, np.full(len(out), np.nan)))
+            st.needs_rewrite(node, self, {"kv_heads": k_heads, "group": g})
         else:
-            st.set(node.outputs[0], ChannelInfo(1, heads[0], np.full(n, np.nan)))
-        # per head: Sq x Skv scores of D MACs each, and Sq x Dv outputs of Skv MACs each
+            st.set(node.outputs[0], ChannelInfo(1, q_heads, np.full(hq, np.nan)))
+        # per unit: g q heads, each Sq x Skv scores of D MACs and Sq x Dv outputs of Skv MACs
         (sq, dq), (skv, dvv) = self._sizes(shapes[0], hq if three_d else None), \
-            self._sizes(shapes[2], hq if three_d else None)
-        st.layer(node, max(1, sq * skv * (dq + dvv)), heads[0], n, None, 1)
+            self._sizes(shapes[2], hkv if three_d else None)
+        st.layer(node, max(1, g * sq * skv * (dq + dvv)), k_heads, hkv, None, 1)
 
     @staticmethod
     def _sizes(shape, heads):
@@ -374,8 +388,8 @@ class AttentionRule(Rule):
         return int(shape[2]), int(shape[3])
 
     def rewrite(self, node, ctx, data) -> None:
-        kept = ctx.kept_count(data)
-        node.attrs["q_num_heads"] = kept
+        kept = ctx.kept_count(data["kv_heads"])
+        node.attrs["q_num_heads"] = kept * data["group"]
         node.attrs["kv_num_heads"] = kept
 
 
