@@ -383,3 +383,27 @@ def test_latency_model_times_the_attention_matmuls(attention_models, pattern, tm
     again = LatencyTable("cpu", batch=2, cache=tmp_path / "lat.json", threads=1)
     monkeypatch.undo()
     assert CostModel(tr).add_latency(again) == len(timed) + 2 and again.measured == 0  # cached
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "dynamo-opset23"])
+def test_three_heads_of_separate_projections_are_heads_not_packed_parts(exporter, tmp_path):
+    """HF-style attention with exactly three heads (DeiT-Tiny's count): the q/k/v Reshapes to
+    (B, T, 3, D) have the shape of nn.MultiheadAttention's packed (T, B, 3, E) split, but they go
+    on to attention, not to a Gather of the parts, so each of the three is a head and prunes
+    (they used to be taken as packed parts and froze every head at the QK^T MatMul)."""
+    from graphprune.pipeline import PruneConfig, inspect, prune
+    from graphprune.planner import Budget
+    from samples import transformers as TS
+
+    path = str(tmp_path / "sep3.onnx")
+    kind, _, opset = exporter.partition("-opset")
+    TS.export(TS.ViT(attn=TS.SepAttention, heads=3, dim=48), path, exporter=kind, name="vit_sep",
+              **({"opset": int(opset)} if opset else {}))
+    name = onnx.load(path, load_external_data=False).graph.input[0].name
+    info = inspect(path, {name: [1, 3, 32, 32]})
+    heads = [g for g in info["groups"] if g["channels_per_unit"] == 16]
+    assert len(heads) == 2 and all(g["prunable"] and g["size"] == 3 for g in heads), info["groups"]
+    rep = prune(path, tmp_path / "p.onnx", PruneConfig(budget=Budget("channels", 0.5, best_effort=True),
+                                                       input_shapes={name: [1, 3, 32, 32]}))
+    assert rep["verification"]["ok"], rep["verification"]
+    assert any(g["channels_per_unit"] == 16 and g["kept"] < g["size"] for g in rep["groups"])

@@ -810,6 +810,24 @@ def _same_heads(st: TraceState, e, xi: ChannelInfo) -> bool:
         st.uf.find(int(p)) == st.uf.find(int(q)) for p, q in zip(ti.ids, xi.ids))
 
 
+def _heads_follow(node, depth: int = 0) -> bool:
+    """Does the Reshape's output reach attention (MatMul, Attention, Einsum) through layout ops and
+    scalings only, rather than being unpacked (Gather/Split/Squeeze/Unsqueeze/Slice: the q, k and v
+    parts of a packed projection)? A split into 3 is heads then, not parts."""
+    if depth > 6:
+        return False
+    consumers = [c for t in node.outputs for c in t.outputs]
+    if not consumers:
+        return False
+    for c in consumers:
+        if c.op in ("MatMul", "Attention", "Einsum", "Shape", "Size"):  # (Shape, Size: metadata only)
+            continue
+        if c.op in ("Transpose", "Reshape", "Identity", "Cast", "Mul", "Div") and _heads_follow(c, depth + 1):
+            continue
+        return False
+    return True
+
+
 def _head_split(node, st: TraceState, xi: ChannelInfo):
     """A Reshape that splits the channel axis into heads: C -> (H, D), or C -> (S, H, D) for packed
     q/k/v projections (timm, HF: (B, T, C) -> (B, T, H, D) / (B, T, 3, H, D)). Each head's D
@@ -836,8 +854,10 @@ def _head_split(node, st: TraceState, xi: ChannelInfo):
     h_el, d_el = elements[a + k - 1], elements[a + k]
     if _literal_zero(node, elements):
         return "Reshape with allowzero splits the channel axis"
-    if k == 1 and H == 3:  # (T, B, 3C) -> (T, B, 3, C): q, k and v parts of a packed projection
-        # (nn.MultiheadAttention); channel j of the three parts goes together, the parts stay
+    if k == 1 and H == 3 and not _heads_follow(node):
+        # (T, B, 3C) -> (T, B, 3, C): q, k and v parts of a packed projection (nn.MultiheadAttention,
+        # which selects the parts next); channel j of the three parts goes together, the parts stay.
+        # Three heads of a separate projection (HF DeiT-Tiny: (B, T, 3, 64)) reach attention instead
         if h_el is None or h_el[0] != "const" or h_el[1] != 3:
             return "Reshape splits the channel axis into parts it cannot follow"
         for i, e in enumerate(elements):
