@@ -412,7 +412,7 @@ def _check_shared_shape_constants(graph: gs.Graph, st: TraceState) -> None:
         while frontier:
             t = frontier.pop()
             for c in t.outputs:
-                if c.op == "Reshape" and len(c.inputs) > 1 and c.inputs[1] is t:
+                if c.op in ("Reshape", "Expand") and len(c.inputs) > 1 and c.inputs[1] is t:
                     terminals.add(c.name)
                 elif (c.op in ("Concat", "Unsqueeze", "Squeeze", "Cast", "Identity")
                       or c.op == "Reshape" and c.inputs[0] is t) and id(c) not in seen:  # shape arithmetic

@@ -407,3 +407,50 @@ def test_three_heads_of_separate_projections_are_heads_not_packed_parts(exporter
                                                        input_shapes={name: [1, 3, 32, 32]}))
     assert rep["verification"]["ok"], rep["verification"]
     assert any(g["channels_per_unit"] == 16 and g["kept"] < g["size"] for g in rep["groups"])
+
+
+class _GQA(torch.nn.Module):
+    """Llama-style grouped-query attention: hq query heads over hkv key/value heads, SDPA with
+    enable_gqa (the dynamo exporter repeats k and v by Unsqueeze -> Expand -> Reshape)."""
+
+    def __init__(self, hq: int, hkv: int, d: int = 8):
+        super().__init__()
+        self.hq, self.hkv, self.d = hq, hkv, d
+        self.q, self.k, self.v = (torch.nn.Linear(16, h * d) for h in (hq, hkv, hkv))
+        self.o = torch.nn.Linear(hq * d, 16)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.hq, self.d).transpose(1, 2)
+        k = self.k(x).view(b, t, self.hkv, self.d).transpose(1, 2)
+        v = self.v(x).view(b, t, self.hkv, self.d).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(a.transpose(1, 2).reshape(b, t, self.hq * self.d))
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 2)])
+@pytest.mark.parametrize("opset", [None, 23])
+def test_grouped_query_attention_prunes_kv_groups(hq, hkv, opset, tmp_path):
+    """The dynamo exporter's GQA (default opset: k/v repeated by Expand + Reshape; opset 23: the
+    Attention op): a unit is a kv head with the q heads that read it; removing one shrinks q by
+    hq/hkv heads and k, v by one head; verified against the masked original at a second length.
+    (4, 2) also checks a shared constant 2 that is both the kv head count and the repeat factor."""
+    from graphprune.pipeline import PruneConfig, inspect, prune
+    from graphprune.planner import Budget
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "gqa.onnx")
+    dims = ({0: torch.export.Dim("B"), 1: torch.export.Dim("T")},)
+    torch.onnx.export(_GQA(hq, hkv).eval(), (torch.randn(2, 5, 16),), path, dynamo=True, dynamic_shapes=dims,
+                      **({"opset_version": opset} if opset else {}))
+    name = onnx.load(path).graph.input[0].name
+    info = inspect(path, {name: [1, 5, 16]})
+    (g,) = [g for g in info["groups"] if g["prunable"]]
+    assert g["size"] == hkv, info["groups"]
+    rep = prune(path, tmp_path / "p.onnx", PruneConfig(budget=Budget("channels", 0.5, best_effort=True),
+                                                       input_shapes={name: [1, 5, 16]}))
+    assert rep["verification"]["ok"], rep["verification"]
+    assert any(sz[name][1] != 5 for sz in rep["verification"]["sizes"])  # a second length
+    kept = sorted(tuple(i.dims) for i in onnx.load(str(tmp_path / "p.onnx")).graph.initializer if len(i.dims) == 2)
+    g_q = hq // hkv
+    assert kept == sorted([(16, g_q * 8), (16, 8), (16, 8), (g_q * 8, 16)]), kept

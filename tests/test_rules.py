@@ -1270,3 +1270,40 @@ def test_reshape_entry_that_multiplies_a_channel_count():
     tr, pruned, kept = prune(m, keep=0.5)
     assert_prunable(tr, "h", 8)
     assert pshape(pruned, "r1")[1:] == [4, 64]
+
+
+def test_expand_broadcasts_other_axes_and_rewrites_the_channel_count():
+    """Expand keeps the channel axis and broadcasts a size-1 axis after it (the repeat of grouped
+    k/v heads): h (N, 8, 8, 8) -> Unsqueeze (N, 8, 1, 8, 8) -> Expand to (N, 8, 2, 8, 8) with the
+    channel count 8 written in the shape (rewritten to the kept count) -> Reshape (N, 16, 8, 8),
+    each channel twice (merged by _flatten_map). Parity at two batch sizes."""
+    parts = [stem(),
+             ([node("Unsqueeze", ["h", "ax2"], ["u"]),
+               node("Shape", ["h"], ["hs"]), node("Slice", ["hs", "zero1", "one1"], ["n"]),
+               node("Concat", ["n", "eight", "two", "eight", "eight"], ["es"], axis=0),
+               node("Expand", ["u", "es"], ["e"]),
+               node("Concat", ["n", "sixteen", "eight", "eight"], ["rs"], axis=0),
+               node("Reshape", ["e", "rs"], ["r"])],
+              [ints("ax2", [2]), ints("zero1", [0]), ints("one1", [1]), ints("eight", [8]), ints("two", [2]),
+               ints("sixteen", [16])]),
+             head("r", 16)]
+    nodes, inits = chain(*parts)
+    m = make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits)
+    tr, pruned, kept = prune(m, keep=0.5)
+    assert_prunable(tr, "h", 8)
+    assert pshape(pruned, "e")[1:] == [4, 2, 8, 8] and pshape(pruned, "r")[1:] == [8, 8, 8]
+
+
+def test_expand_with_a_computed_entry_it_cannot_follow_freezes():
+    """An Expand shape with an entry computed by arithmetic it does not follow (Shape(h)[0] + 0):
+    whether pruning changes it is not proved, so the channels freeze, with a reason naming Expand."""
+    parts = [stem(),
+             ([node("Unsqueeze", ["h", "ax2"], ["u"]), node("Shape", ["h"], ["hs"]),
+               node("Slice", ["hs", "zero1", "one1"], ["n"]), node("Add", ["n", "zero1"], ["n0"]),
+               node("Concat", ["n0", "eight", "two", "eight", "eight"], ["es"], axis=0),
+               node("Expand", ["u", "es"], ["e"]), node("ReduceSum", ["e", "ax2"], ["s"], keepdims=0)],
+              [ints("ax2", [2]), ints("zero1", [0]), ints("one1", [1]), ints("eight", [8]), ints("two", [2])]),
+             head("s", 8)]
+    nodes, inits = chain(*parts)
+    m = make_model(nodes, [X], [("y", ["N", 4, 8, 8])], inits, opset=13)
+    assert_frozen(traced(m), "h", "Expand")

@@ -1060,6 +1060,45 @@ class ResizeRule(Rule):
         ctx.set_input(node, 3, sizes)
 
 
+class ExpandRule(Rule):
+    """Expand that broadcasts other axes and keeps the channel axis (the dynamo exporter's
+    repeat_interleave of grouped-query k/v heads: (B, Hkv, 1, T, D) -> (B, Hkv, g, T, D), merged to
+    (B, Hkv*g, T, D) by the Reshape after it). The shape's entry on the channel axis is 1 or -1
+    (nothing to rewrite), a run-time size read off tensors with the same channels, or the channel
+    count as a constant (rewritten to the kept count); every other entry must stay what it was when
+    channels shrink. Anything else freezes."""
+
+    ops = ("Expand",)
+
+    def trace(self, node, st: TraceState) -> None:
+        xi = st.info(node.inputs[0])
+        r_in, r_out = st.rank(node.inputs[0]), st.rank(node.outputs[0])
+        shp_out = st.cost_shape(node.outputs[0])
+        elements = _shape_elements(node.inputs[1], st, host=(node.name, 1))
+        if r_in is None or r_out is None or shp_out is None or elements is None or len(elements) != r_out:
+            return self.unknown(node, st, "Expand with a shape it cannot follow")
+        a = xi.axis + (r_out - r_in)
+        if shp_out[a] != len(xi):
+            return self.unknown(node, st, "Expand along the channel axis")
+        for i, e in enumerate(elements):
+            if i != a and not (e is not None and (e[0] == "const" or _runtime_size(st, e))):
+                return self.unknown(node, st, "Expand with another computed dimension")
+        e = elements[a]
+        where = None
+        if e is not None and e[0] == "dim" and _reads_channels(st, e):
+            if not _same_channels(st, e[1], xi, e[2]):
+                return self.unknown(node, st, "Expand whose shape reads another channel count")
+        elif e is not None and e[0] == "const" and e[1] == len(xi) and len(xi) > 1:
+            if e[2] is None:
+                return self.unknown(node, st, "Expand with a shared channel count it cannot rewrite")
+            where = e[2]
+        elif not (e is not None and e[0] == "const" and e[1] in (1, -1)):
+            return self.unknown(node, st, "Expand with a channel count it cannot rewrite")
+        st.set(node.outputs[0], ChannelInfo(a, xi.ids, xi.vals))
+        if where is not None:
+            st.needs_rewrite(node, _ENTRY_REWRITE, ("entry", where, xi.ids, 1))
+
+
 class GatherRule(Rule):
     """Gather along a non-channel axis with constant indices (``qkv[0]`` after the packed q/k/v
     reshape, a class token ``x[:, 0]``): channels pass, their axis shifts by the index rank."""
@@ -1088,5 +1127,6 @@ class ShapeOnlyRule(Rule):
         return None
 
 
+_ENTRY_REWRITE = ReshapeRule()  # its "entry" rewrite (one constant entry of a shape) serves Expand too
 RULES = [PassThroughRule(), ReduceRule(), ConcatRule(), SplitRule(), SliceRule(), TransposeRule(),
-         SqueezeRule(), ReshapeRule(), PadRule(), ResizeRule(), GatherRule(), ShapeOnlyRule()]
+         SqueezeRule(), ReshapeRule(), PadRule(), ResizeRule(), GatherRule(), ShapeOnlyRule(), ExpandRule()]
