@@ -307,8 +307,11 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         n = len(next(iter(x.values())))
         if not fixed or n == fixed:
             return graph(**x)
-        outs = [graph(**{k: v[s:s + fixed] for k, v in x.items()}) for s in range(0, n, fixed)]
-        return [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
+        pad = -n % fixed  # a partial last pass is filled with copies of the last sample, then dropped
+        if pad:
+            x = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in x.items()}
+        outs = [graph(**{k: v[s:s + fixed] for k, v in x.items()}) for s in range(0, n + pad, fixed)]
+        return [torch.cat([o[i] for o in outs])[:n] for i in range(len(outs[0]))]
 
     def tensors(idx):
         x = {k: torch.from_numpy(np.ascontiguousarray(v[idx.numpy()])).to(dev) for k, v in inputs.items()}
@@ -372,7 +375,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         """Mean held-out loss; under torchrun each rank takes a share and the sums are all-reduced."""
         if not n_hold:
             return float("nan")
-        mine = hold[dp.shard(n_hold)]
+        mine = hold[dp.shard_chunks(n_hold, fixed or 1)]  # whole static batches per rank
         tot = torch.zeros((), dtype=torch.float64, device=dev)
         with torch.no_grad():
             for s in range(0, len(mine), chunk):
@@ -383,7 +386,7 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
 
     def batch_loss(idx, g: torch.Generator = mix_gen) -> torch.Tensor:
         """This rank's part of mini-batch ``idx``'s loss (data parallel: each rank takes a share)."""
-        share = torch.arange(len(idx))[dp.shard(len(idx))]
+        share = torch.arange(len(idx))[dp.shard_chunks(len(idx), fixed or 1)]
         mine = idx[share]
         k, partner, lam = mix_plan(len(idx), g)
         loss = torch.zeros((), device=dev)

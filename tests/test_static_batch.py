@@ -109,3 +109,26 @@ def test_a_model_that_cannot_take_the_calibration_batch_is_a_one_line_error(tmp_
     tg = TorchGraph(onnx.load(str(src)))
     with pytest.raises(ExecutionError, match=r"node '.*' \(Reshape\): shape"):
         tg(x=torch.zeros(4, 6))
+
+
+def test_recovery_on_a_static_batch_of_two_with_odd_counts(tmp_path):
+    """A static batch of 2 with 11 calibration samples (cut to 10), recovery mini-batches of 3 (cut
+    to 2) and mixed inputs whose count is not a multiple of 2: every forward pass gets exactly 2
+    samples (padded, then dropped) and the run finishes with a verified model."""
+    from graphprune.pipeline import PruneConfig, prune
+    from graphprune.planner import Budget
+
+    src = tmp_path / "b2.onnx"
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["g"], transB=1), helper.make_node("Reshape", ["g", "s"], ["y"])]
+    inits = [const("w", (8, 6), rng), const("b", (8,), rng), const("w2", (4, 8), rng),
+             onnx.numpy_helper.from_array(np.array([2, 2, 2], np.int64), "s")]  # the batch 2 written in
+    g = helper.make_graph(nodes, "mlp2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 2])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), src)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((11, 6)).astype(np.float32))
+    rep = prune(src, tmp_path / "p.onnx", PruneConfig(budget=Budget("channels", 0.5), calib=str(tmp_path / "c.npz"),
+                                                      batch_size=3, recover_batch=3, recover=4))
+    assert rep["verification"]["ok"]
+    assert static_batch(onnx.load(str(tmp_path / "p.onnx"))) == 2
