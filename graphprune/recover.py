@@ -291,11 +291,8 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=gen)
-    fixed = static_batch(pruned)  # a static batch B: the executor runs B samples at a time
-    chunk = fixed * max(1, 64 // fixed) if fixed else 64
+    fixed = static_batch(pruned)  # a static batch B: the executor runs B samples at a time (forward)
     n_hold = max(1, int(round(n * cfg.holdout)))
-    if fixed and fixed > 1:
-        n_hold = max(fixed, n_hold - n_hold % fixed)
     hold, train = order[:n_hold], order[n_hold:]
     dev = torch.device(dp.local_device(cfg.device))
     world, main = dp.world_size(), dp.is_main()
@@ -378,9 +375,9 @@ def recover(pruned: onnx.ModelProto, inputs: dict[str, np.ndarray], teacher: lis
         mine = hold[dp.shard_chunks(n_hold, fixed or 1)]  # whole static batches per rank
         tot = torch.zeros((), dtype=torch.float64, device=dev)
         with torch.no_grad():
-            for s in range(0, len(mine), chunk):
-                x, t, y = tensors(mine[s:s + chunk])
-                tot += float(objective(x, t, y)) * len(mine[s:s + chunk])
+            for s in range(0, len(mine), 64):
+                x, t, y = tensors(mine[s:s + 64])
+                tot += float(objective(x, t, y)) * len(mine[s:s + 64])
         dp.all_reduce_sum([tot], cfg.device)  # the backend of the first call serves the whole run
         return float(tot) / n_hold
 
