@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     except VerificationError as exc:
         print(f"graphprune: verification failed: {exc}", file=sys.stderr)
         return exc.exit_code
-    except WorkersFailed as exc:  # --workers: the worker printed its one-line error
+    except WorkersFailed as exc:  # --workers: a worker failed and its message did not come back
+        print(f"graphprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("graphprune: interrupted", file=sys.stderr)

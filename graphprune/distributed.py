@@ -115,9 +115,14 @@ def launch(workers: int, fn, *args, quiet: bool = False):
     """Run ``fn(*args)`` in ``workers`` local processes started by torch.distributed's elastic
     launcher (the one ``torchrun --standalone`` uses: a c10d rendezvous on localhost, a free port,
     no restarts), CPU threads split evenly unless OMP_NUM_THREADS is set. Returns rank 0's result.
-    In the workers only rank 0 prints (``quiet`` silences it too); a UserError or VerificationError
-    is printed there as one line and the worker exits with its code: WorkersFailed(code) here."""
+    In the workers only rank 0 prints (``quiet`` silences it too). A UserError or VerificationError
+    in any worker is written to a file by the first worker that fails (the agent may stop rank 0
+    before it could print: the message was lost under load) and raised here again, so the CLI
+    prints it once; WorkersFailed(code) only when no message came back."""
+    import json
     import logging
+    import shutil
+    import tempfile
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -133,6 +138,8 @@ def launch(workers: int, fn, *args, quiet: bool = False):
                        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                        start_method="spawn", monitor_interval=0.1)
     saved = os.environ.get("OMP_NUM_THREADS")
+    errdir = tempfile.mkdtemp(prefix="graphprune-workers-")
+    os.environ[_ERROR_FILE] = os.path.join(errdir, "error.json")  # inherited by the spawned workers
     if saved is None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     # the agent's own log lines (rendezvous, failures, terminating the other workers) stay out of ours
@@ -144,12 +151,21 @@ def launch(workers: int, fn, *args, quiet: bool = False):
         results = elastic_launch(cfg, _worker)(fn, args, quiet)
     except ChildFailedError as exc:
         failures = exc.failures
-        first = failures.get(0) or failures[min(failures)]
-        code = first.exitcode if first.exitcode in (1, 2) else (first.exitcode or 1)
-        if code in (1, 2):  # a UserError / VerificationError, printed by the worker
-            raise WorkersFailed(code) from None
+        # the worker that failed with our error code (the agent stops the others: they show a signal)
+        code = next((f.exitcode for _, f in sorted(failures.items()) if f.exitcode in (1, 2)), None)
+        if code in (1, 2):  # a UserError / VerificationError, written by the first worker that failed
+            try:
+                with open(os.environ[_ERROR_FILE]) as f:
+                    kind, message = json.load(f)
+            except (OSError, ValueError):
+                raise WorkersFailed(code) from None
+            from .errors import UserError, VerificationError
+
+            raise (UserError if kind == "error" else VerificationError)(message) from None
         raise
     finally:
+        shutil.rmtree(errdir, ignore_errors=True)
+        os.environ.pop(_ERROR_FILE, None)
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
         if saved is None:
@@ -157,7 +173,11 @@ def launch(workers: int, fn, *args, quiet: bool = False):
     return results[0]
 
 
+_ERROR_FILE = "GRAPHPRUNE_WORKER_ERROR"
+
+
 def _worker(fn, args, quiet: bool):
+    import json
     import sys
 
     from . import log
@@ -167,7 +187,16 @@ def _worker(fn, args, quiet: bool):
     try:
         return fn(*args)
     except (UserError, VerificationError) as exc:
-        if is_main():
+        path = os.environ.get(_ERROR_FILE)
+        if path:  # the first worker to fail leaves its message for launch() to raise
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(["error" if isinstance(exc, UserError) else "verification", str(exc)], f)
+        elif is_main():
             what = "error" if isinstance(exc, UserError) else "verification failed"
             print(f"graphprune: {what}: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)

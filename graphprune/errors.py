@@ -14,8 +14,8 @@ class VerificationError(Exception):
 
 
 class WorkersFailed(Exception):
-    """A ``--workers`` process exited with a UserError / VerificationError, whose one-line message it
-    already printed; the CLI exits with the same code."""
+    """A ``--workers`` process exited with a UserError / VerificationError whose message did not come
+    back (distributed.launch raises the message itself when it does); the CLI exits with the same code."""
 
     def __init__(self, exit_code: int) -> None:
         super().__init__(f"a worker process failed (exit code {exit_code})")

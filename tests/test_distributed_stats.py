@@ -143,3 +143,28 @@ def test_workers_report_a_user_error_in_one_line(tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
     assert errors == [f"graphprune: error: {bad}: array 'input' contains NaN or Inf"], r.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _fail_on_rank_one():
+    """A worker body whose error comes from rank 1 only (rank 0 waits for the agent to stop it)."""
+    import time
+
+    from graphprune.distributed import rank
+    from graphprune.errors import UserError
+
+    if rank() == 1:
+        raise UserError("rank 1 found bad input")
+    time.sleep(30)
+    return "rank 0 finished"
+
+
+def test_an_error_on_another_rank_than_0_still_comes_back_once(capfd):
+    """Only rank 0 prints; an error raised on rank 1 alone used to end with exit code 2 and no
+    message at all (also under load, when rank 1 fails first and the agent stops rank 0 before it
+    prints). The first failing worker's message now comes back and is raised in the parent."""
+    from graphprune.distributed import launch
+    from graphprune.errors import UserError
+
+    with pytest.raises(UserError, match="^rank 1 found bad input$"):
+        launch(2, _fail_on_rank_one, quiet=True)
+    assert "rank 1 found bad input" not in capfd.readouterr().err  # raised here, not printed by a worker
